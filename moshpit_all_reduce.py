@@ -1,0 +1,546 @@
+"""Moshpit All-Reduce: deterministic group keys, DHT matchmaking and in-group averaging over libp2p.
+
+Group keys (pure functions)
+---------------------------
+The ``M`` participants of a round are ordered by peer index; participant ``p`` starts in bucket ``p // gs``.
+With ``G = min(ceil(M / gs), gs ** (gk - 1))`` buckets, a peer that held rank ``r`` (its position, by peer index,
+in the group it just averaged with) moves to bucket ``(b * gs + r) mod G``.
+
+For ``M = gs ** gk`` this *is* the reference's sliding-window grid: a bucket is a ``gk - 1`` digit base-``gs``
+number, ``b * gs + r mod G`` drops its leading digit and appends ``r``, so after ``gk`` steps every peer holds the
+exact global mean. For any other ``M`` the same rule keeps every group at ``gs`` or ``gs - 1`` members (the map
+``(b, r) -> b * gs + r`` is onto ``[0, G * gs)``) and keeps mixing across buckets; see :func:`mixing_error` and
+the tests for the measured guarantee. Nothing is special-cased per ``(gs, gk, N)``.
+
+Why ``AllReduceRunner`` and not ``DecentralizedAverager``
+--------------------------------------------------------
+hivemind's averager forms random groups through its own leader election in a separate process holding a shared
+memory copy of the tensors. MAR needs *deterministic* groups, and every extra process costs memory on nodes that
+host dozens of peers. So each peer runs hivemind's butterfly ``AllReduceRunner`` directly in its own process: the
+vector is split into one shard per member, each member reduces its shard (reduce-scatter) and returns the
+average (all-gather), so every member sends and receives about ``2 (M - 1) / M`` of the vector per step.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.partition import BannedException, TensorPartReducer
+from hivemind.compression import (
+    Float16Compression,
+    NoCompression,
+    Uniform8BitQuantization,
+    deserialize_torch_tensor,
+    serialize_torch_tensor,
+)
+from hivemind.p2p import P2PContext, PeerID, ServicerBase
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import achain, anext, as_aiter
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+
+from peer_synchronization import PeerNetwork, poll_until, publish, read_subkeys
+
+logger = logging.getLogger("mar_fl.mar")
+
+_FINAL = "final"  # subkey under which a group's leader publishes the agreed member list
+
+
+class AveragingError(RuntimeError):
+    """An all-reduce could not be run at all (as opposed to a member failing, which is tolerated)."""
+
+
+# ==================== group keys (pure) ====================
+
+
+def num_groups(num_members: int, group_size: int, key_dim: int) -> int:
+    """Buckets per MAR step: about ``gs`` members each, capped by the ``gs ** (gk-1)`` keys of a ``gk`` grid."""
+    return max(1, min(math.ceil(num_members / group_size), group_size ** max(0, key_dim - 1)))
+
+
+def initial_bucket(position: int, group_size: int, n_groups: int) -> int:
+    return (position // group_size) % n_groups
+
+
+def next_bucket(bucket: int, rank: int, group_size: int, n_groups: int) -> int:
+    return (bucket * group_size + rank) % n_groups
+
+
+def simulate_schedule(num_members: int, group_size: int, key_dim: int, steps: int) -> List[Dict[int, List[int]]]:
+    """Groups of every step when all ``num_members`` participants are present: ``[{bucket: [positions]}]``."""
+    n_groups = num_groups(num_members, group_size, key_dim)
+    buckets = [initial_bucket(p, group_size, n_groups) for p in range(num_members)]
+    schedule: List[Dict[int, List[int]]] = []
+    for _ in range(steps):
+        groups: Dict[int, List[int]] = {}
+        for position, bucket in enumerate(buckets):
+            groups.setdefault(bucket, []).append(position)
+        schedule.append(groups)
+        for bucket, members in groups.items():
+            for rank, position in enumerate(members):
+                buckets[position] = next_bucket(bucket, rank, group_size, n_groups)
+    return schedule
+
+
+def mixing_error(values: np.ndarray, group_size: int, key_dim: int, steps: int) -> float:
+    """Max absolute deviation from the global mean after simulated MAR (``values``: one row per peer)."""
+    state = np.array(values, dtype=np.float64, copy=True)
+    for groups in simulate_schedule(len(state), group_size, key_dim, steps):
+        for members in groups.values():
+            state[members] = state[members].mean(axis=0)
+    return float(np.abs(state - np.asarray(values, dtype=np.float64).mean(axis=0)).max())
+
+
+# ==================== wire compression ====================
+
+
+def make_compression(name: str) -> Any:
+    table = {"none": NoCompression, "fp16": Float16Compression, "8bit": Uniform8BitQuantization}
+    if name not in table:
+        raise ValueError(f"unknown compression {name!r}; choose from {sorted(table)}")
+    return table[name]()
+
+
+# ==================== averaging over libp2p ====================
+
+
+@dataclass
+class StepReport:
+    """What one MAR step did, from this peer's point of view."""
+
+    members: Tuple[int, ...]
+    rank: int
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+    matchmaking_seconds: float = 0.0
+    failed_peers: Tuple[int, ...] = ()
+
+
+@dataclass
+class _Traffic:
+    sent: int = 0
+    received: int = 0
+
+
+class OrderedReducer(TensorPartReducer):
+    """Sums each shard in sender order once all senders are in, so results do not depend on arrival order
+    (hivemind adds parts as they arrive, which makes float results differ from run to run)."""
+
+    def reset_accumulators(self):
+        self._pending: Dict[int, Tuple[torch.Tensor, float]] = {}
+        super().reset_accumulators()
+
+    async def accumulate_part(self, sender_index, part_index, tensor_part, weight=1.0):
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio.wait(
+                {self.current_part_future, asyncio.create_task(self.finished.wait())},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if self.finished.is_set():
+                raise BannedException("reducer finalized")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self._pending[sender_index] = (tensor_part, weight)
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await future
+
+    def check_current_part_finished(self):
+        if self.current_part_accumulated_from == self.num_current_senders:
+            for sender in sorted(self._pending):
+                part, weight = self._pending[sender]
+                self.accumulator.add_(part, alpha=weight)
+                self.denominator += weight
+            self._pending = {}
+            self.current_part_future.set_result(self.accumulator.div_(max(self.denominator, 1e-30)))
+            self.reset_accumulators()
+
+class CountingRunner(AllReduceRunner):
+    """Butterfly all-reduce that counts the protobuf bytes it puts on and takes off the wire."""
+
+    def __init__(self, *, traffic: _Traffic, **kwargs):
+        super().__init__(**kwargs)
+        self.traffic = traffic
+        shapes = tuple(part.shape for part in self.parts_for_local_averaging)
+        self.tensor_part_reducer.finished.set()  # retire hivemind's reducer quietly (its finalizer warns)
+        self.tensor_part_reducer = OrderedReducer(shapes, len(self.sender_peer_ids))
+
+    async def _generate_input_for_peer(self, peer_index: int):
+        async for msg in super()._generate_input_for_peer(peer_index):
+            self.traffic.sent += msg.ByteSize()
+            yield msg
+
+    def _get_peer_stub(self, peer):
+        stub = super()._get_peer_stub(peer)
+        traffic = self.traffic
+
+        class _CountingStub:
+            async def rpc_aggregate_part(self, inputs):
+                stream = await stub.rpc_aggregate_part(inputs)
+
+                async def counted():
+                    async for msg in stream:
+                        traffic.received += msg.ByteSize()
+                        yield msg
+
+                return counted()
+
+        return _CountingStub()
+
+    async def rpc_aggregate_part(self, stream, context):
+        async def counted_in():
+            async for msg in stream:
+                self.traffic.received += msg.ByteSize()
+                yield msg
+
+        async for msg in super().rpc_aggregate_part(counted_in(), context):
+            self.traffic.sent += msg.ByteSize()
+            yield msg
+
+
+class MoshpitServicer(ServicerBase):
+    """Routes incoming all-reduce / all-gather streams to the group they belong to (keyed by group id)."""
+
+    def __init__(self):
+        self.runners: Dict[bytes, asyncio.Future] = {}
+        self.shared: Dict[bytes, Tuple[List[Any], _Traffic]] = {}
+        self.registered = asyncio.Condition()
+        self.wait_timeout = 30.0
+
+    async def _lookup(self, table: Dict[bytes, Any], group_id: bytes) -> Optional[Any]:
+        # a groupmate may reach us before we read the final member list ourselves: wait a little for it
+        async with self.registered:
+            try:
+                await asyncio.wait_for(
+                    self.registered.wait_for(lambda: group_id in table), timeout=self.wait_timeout
+                )
+            except asyncio.TimeoutError:
+                return None
+        return table.get(group_id)
+
+    async def register(self, table: Dict[bytes, Any], group_id: bytes, value: Any) -> None:
+        async with self.registered:
+            table[group_id] = value
+            self.registered.notify_all()
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        request = await anext(stream)
+        runner = await self._lookup(self.runners, request.group_id)
+        if runner is None:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        async for msg in runner.rpc_aggregate_part(achain(as_aiter(request), stream), context):
+            yield msg
+
+    async def rpc_gather(
+        self, request: averaging_pb2.AveragingData, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        entry = await self._lookup(self.shared, request.group_id)
+        if entry is None:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        chunks, traffic = entry
+        traffic.received += request.ByteSize()
+        for chunk in chunks:
+            msg = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=chunk)
+            traffic.sent += msg.ByteSize()
+            yield msg
+
+
+@dataclass(frozen=True)
+class AveragerOptions:
+    prefix: str  # run-scoped, so that two runs sharing one DHT never meet
+    index: int
+    compression: str = "none"
+    matchmaking_timeout: float = 60.0  # how long a group waits for missing members before going ahead
+    allreduce_timeout: float = 30.0  # a member silent this long is dropped from the exchange
+    dht_ttl: float = 600.0
+
+
+@dataclass
+class _Member:
+    index: int
+    peer_id: bytes
+
+
+class MoshpitAverager:
+    """Runs MAR steps for one peer: matchmaking through the DHT, butterfly all-reduce or all-gather over libp2p."""
+
+    def __init__(self, network: PeerNetwork, options: AveragerOptions):
+        self.network, self.options = network, options
+        self.compression = make_compression(options.compression)
+        self._runner_cls = CountingRunner
+        self._servicer_cls = MoshpitServicer
+        self.servicer = network.run(self._make_servicer(), timeout=60)
+
+    async def _make_servicer(self):
+        servicer = self._servicer_cls()
+        servicer.wait_timeout = self.options.matchmaking_timeout
+        await servicer.add_p2p_handlers(self.network.p2p, namespace=self.options.prefix)
+        return servicer
+
+    # ---------- matchmaking ----------
+
+    def group_key(self, *, round_index: int, step: int, bucket: int, tag: str = "avg") -> str:
+        return f"{self.options.prefix}.{tag}.r{round_index}.s{step}.g{bucket}"
+
+    async def _form_group(self, key: str, expected: FrozenSet[int], deadline: float) -> List[_Member]:
+        """Declare ourselves under ``key``; the lowest declared index publishes the final list, all obey it.
+
+        The leader waits until every expected member declared or the deadline passed. A member missing from the
+        final list (it came too late) averages alone this step, which keeps groups symmetric.
+        """
+        me = self.options.index
+        own_id = self.network.p2p.peer_id.to_bytes()
+        await publish(self.network.dht, key, str(me), own_id, ttl=self.options.dht_ttl)
+        result: List[_Member] = [_Member(me, own_id)]
+        grace = max(2.0, 0.25 * self.options.matchmaking_timeout)
+
+        async def settled() -> bool:
+            nonlocal result
+            record = await read_subkeys(self.network.dht, key)
+            if _FINAL in record:
+                final = [_Member(int(i), bytes(pid)) for i, pid in record[_FINAL]]
+                result = final if any(m.index == me for m in final) else [_Member(me, own_id)]
+                return True
+            declared = {int(s): bytes(v) for s, v in record.items() if s != _FINAL}
+            declared.setdefault(me, own_id)
+            now = time.monotonic()
+            if min(declared) == me and (expected <= declared.keys() or now >= deadline):
+                result = [_Member(i, declared[i]) for i in sorted(declared)]
+                value = [[m.index, m.peer_id] for m in result]
+                await publish(self.network.dht, key, _FINAL, value, ttl=self.options.dht_ttl)
+                return True
+            return now >= deadline + grace
+
+        await poll_until(settled, deadline=deadline + grace)
+        return result
+
+    # ---------- exchanges ----------
+
+    def _group_id(self, key: str) -> bytes:
+        return hashlib.sha256(key.encode()).digest()[:20]
+
+    def _peer_ids(self, members: Sequence[_Member]):
+        return [PeerID(m.peer_id) for m in members]
+
+    async def _allreduce(self, key, members, tensors, weight, traffic) -> Tuple[int, ...]:
+        group_id = self._group_id(key)
+        timeout = self.options.allreduce_timeout
+        runner = self._runner_cls(
+            traffic=traffic,
+            p2p=self.network.p2p,
+            servicer_type=self._servicer_cls,
+            prefix=self.options.prefix,
+            group_id=group_id,
+            tensors=tensors,
+            weight=weight,
+            ordered_peer_ids=self._peer_ids(members),
+            peer_fractions=tuple(1.0 for _ in members),
+            compression=self.compression,
+            sender_timeout=timeout,
+            reducer_timeout=2 * timeout,
+        )
+        await self.servicer.register(self.servicer.runners, group_id, runner)
+        try:
+            async for tensor, delta in _azip(tensors, runner):
+                tensor.add_(delta.to(tensor.dtype))
+        finally:
+            self.servicer.runners.pop(group_id, None)
+        failed = runner.tensor_part_container.failed_size
+        banned = {bytes(p.to_bytes()) for p in runner.banned_senders}
+        lost = tuple(m.index for m in members if m.peer_id in banned)
+        if failed:
+            logger.warning("group %s: %d values kept local after a reducer failed", key, failed)
+        return lost
+
+    async def _gather(self, key, members, tensors, traffic) -> Dict[int, List[torch.Tensor]]:
+        group_id = self._group_id(key)
+        chunks = []
+        for tensor in tensors:
+            serialized = serialize_torch_tensor(tensor.detach().cpu(), self.compression.compression_type)
+            for i, chunk in enumerate(split_for_streaming(serialized)):
+                chunks.append((len(chunks), chunk))
+        own_chunks = [chunk for _, chunk in chunks]
+        await self.servicer.register(self.servicer.shared, group_id, (own_chunks, traffic))
+        results: Dict[int, List[torch.Tensor]] = {}
+
+        async def fetch(member: _Member) -> None:
+            stub = self._servicer_cls.get_stub(
+                self.network.p2p, self._peer_ids([member])[0], namespace=self.options.prefix
+            )
+            request = averaging_pb2.AveragingData(group_id=group_id)
+            traffic.sent += request.ByteSize()
+            parts = []
+            stream = await stub.rpc_gather(request)
+            async for msg in stream:
+                traffic.received += msg.ByteSize()
+                if msg.code != averaging_pb2.AVERAGED_PART:
+                    raise AveragingError(f"peer {member.index} refused gather: {msg.code}")
+                parts.append(msg.tensor_part)
+            results[member.index] = [deserialize_torch_tensor(t) for t in _regroup(parts, combine_from_streaming)]
+
+        others = [m for m in members if m.index != self.options.index]
+        outcomes = await asyncio.gather(
+            *(asyncio.wait_for(fetch(m), self.options.allreduce_timeout) for m in others), return_exceptions=True
+        )
+        for member, outcome in zip(others, outcomes):
+            if isinstance(outcome, BaseException):
+                logger.warning("all-gather: peer %d failed: %r", member.index, outcome)
+        # keep serving our tensors a little longer: slower groupmates may still be fetching them
+        asyncio.get_running_loop().call_later(
+            self.options.allreduce_timeout, self.servicer.shared.pop, group_id, None
+        )
+        return results
+
+    async def _step(self, *, key, expected, tensors, weight, gather) -> Tuple[StepReport, Any]:
+        started = time.monotonic()
+        traffic = _Traffic()
+        if expected == frozenset({self.options.index}):
+            members = [_Member(self.options.index, b"")]
+        else:
+            members = await self._form_group(key, expected, started + self.options.matchmaking_timeout)
+        matched = time.monotonic()
+        indices = tuple(m.index for m in members)
+        report = StepReport(members=indices, rank=indices.index(self.options.index))
+        payload: Any = {}
+        if len(members) > 1:
+            if gather:
+                payload = await self._gather(key, members, tensors, traffic)
+                report.failed_peers = tuple(m for m in indices if m != self.options.index and m not in payload)
+            else:
+                report.failed_peers = await self._allreduce(key, members, tensors, weight, traffic)
+        report.bytes_sent, report.bytes_received = traffic.sent, traffic.received
+        report.matchmaking_seconds = matched - started
+        report.seconds = time.monotonic() - started
+        return report, payload
+
+    def average(
+        self, tensors: Sequence[torch.Tensor], *, key: str, expected: FrozenSet[int], weight: float = 1.0
+    ) -> StepReport:
+        """Average ``tensors`` in place with whoever joins group ``key``; returns who took part and the traffic."""
+        flat = [t.data if t.is_contiguous() else t.data.contiguous() for t in tensors]
+        staged = [t.detach().cpu() if t.device.type != "cpu" else t for t in flat]
+        report, _ = self.network.run(
+            self._step(key=key, expected=expected, tensors=staged, weight=weight, gather=False),
+            timeout=self._step_timeout(),
+        )
+        for target, source in zip(tensors, staged):
+            if target.data_ptr() != source.data_ptr():
+                target.data.copy_(source.view_as(target))
+        return report
+
+    def all_gather(
+        self, tensors: Sequence[torch.Tensor], *, key: str, expected: FrozenSet[int]
+    ) -> Tuple[StepReport, Dict[int, List[torch.Tensor]]]:
+        """Fetch every groupmate's full tensors (CPU copies) for callers that need more than the mean."""
+        report, payload = self.network.run(
+            self._step(key=f"{key}.gather", expected=expected, tensors=list(tensors), weight=1.0, gather=True),
+            timeout=self._step_timeout(),
+        )
+        return report, payload
+
+    def _step_timeout(self) -> float:
+        opts = self.options
+        return 1.25 * opts.matchmaking_timeout + 3 * opts.allreduce_timeout + 30
+
+    def close(self) -> None:
+        try:
+            self.network.run(
+                self.servicer.remove_p2p_handlers(self.network.p2p, namespace=self.options.prefix), timeout=5
+            )
+        except BaseException as e:  # noqa: BLE001 - the network may already be gone
+            logger.debug("averager close: %r", e)
+
+
+async def _azip(tensors: Sequence[torch.Tensor], deltas) -> AsyncIterator[Tuple[torch.Tensor, torch.Tensor]]:
+    index = 0
+    async for delta in deltas:
+        yield tensors[index], delta
+        index += 1
+
+
+def _regroup(chunks, combine) -> List[Any]:
+    """Split a flat chunk stream back into tensors: a new tensor starts wherever a chunk carries a dtype."""
+    tensors, current = [], []
+    for chunk in chunks:
+        if chunk.dtype and current:
+            tensors.append(combine(current))
+            current = []
+        current.append(chunk)
+    if current:
+        tensors.append(combine(current))
+    return tensors
+
+
+# ==================== a whole MAR pass ====================
+
+
+@dataclass
+class MarReport:
+    steps: List[StepReport] = field(default_factory=list)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(s.bytes_sent for s in self.steps)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(s.bytes_received for s in self.steps)
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.steps)
+
+    @property
+    def avg_group_size(self) -> float:
+        return float(np.mean([len(s.members) for s in self.steps])) if self.steps else 0.0
+
+
+@dataclass(frozen=True)
+class MarSchedule:
+    group_size: int
+    key_dim: int
+    num_steps: int
+
+
+def moshpit_all_reduce(
+    averager: MoshpitAverager,
+    tensors: Sequence[torch.Tensor],
+    *,
+    participants: Sequence[int],
+    round_index: int,
+    schedule: MarSchedule,
+    weight: float = 1.0,
+    tag: str = "avg",
+) -> MarReport:
+    """Run ``schedule.num_steps`` MAR steps among this round's ``participants`` (peer indices)."""
+    ordered = sorted(participants)
+    me = averager.options.index
+    if me not in ordered:
+        raise AveragingError(f"peer {me} is not among this round's participants")
+    gs, gk = schedule.group_size, schedule.key_dim
+    plan = simulate_schedule(len(ordered), gs, gk, schedule.num_steps)
+    n_groups = num_groups(len(ordered), gs, gk)
+    bucket = initial_bucket(ordered.index(me), gs, n_groups)
+    report = MarReport()
+    for step in range(schedule.num_steps):
+        expected = frozenset(ordered[p] for p in plan[step].get(bucket, [])) | {me}
+        key = averager.group_key(round_index=round_index, step=step, bucket=bucket, tag=tag)
+        result = averager.average(tensors, key=key, expected=expected, weight=weight)
+        report.steps.append(result)
+        bucket = next_bucket(bucket, result.rank, gs, n_groups)
+    return report

@@ -1,0 +1,299 @@
+"""Who takes part, when to stop waiting, and how peers find each other.
+
+Three concerns live here, none of which touches tensors:
+
+* **Participation** (pure): every peer derives the same update / aggregation / dropout sets from
+  ``(seed, round)``, so no coordinator has to tell anybody who takes part.
+* **Network runtime**: one libp2p daemon (``p2pd``) and one in-process Kademlia ``DHTNode`` per peer, driven
+  by an asyncio loop on a background thread so that the training thread stays plain synchronous PyTorch.
+* **Barriers**: one DHT key per barrier with one subkey per arrival, polled until everybody expected is there
+  or the deadline passes; the caller learns who arrived.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Collection, Dict, FrozenSet, Iterable, List, Optional, Sequence, TypeVar
+
+import numpy as np
+
+logger = logging.getLogger("mar_fl.sync")
+
+T = TypeVar("T")
+
+# Salts keep the random streams of the three participation decisions independent of each other.
+_SALT_UPDATE, _SALT_AGGREGATE, _SALT_DROPOUT = 1, 2, 3
+
+
+class SyncError(RuntimeError):
+    """The network runtime could not be started or a DHT operation failed for good."""
+
+
+# ==================== participation (pure) ====================
+
+
+def _round_rng(seed: int, round_index: int, salt: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, round_index, salt]))
+
+
+def _sample(seed: int, round_index: int, salt: int, num_peers: int, percent: float) -> FrozenSet[int]:
+    count = int(num_peers * percent / 100)
+    if count >= num_peers:
+        return frozenset(range(num_peers))
+    chosen = _round_rng(seed, round_index, salt).choice(num_peers, size=count, replace=False)
+    return frozenset(int(i) for i in chosen)
+
+
+def update_participants(*, seed: int, round_index: int, num_peers: int, update_percent: float) -> FrozenSet[int]:
+    """Peers that run local SGD in this round (``--up``)."""
+    return _sample(seed, round_index, _SALT_UPDATE, num_peers, update_percent)
+
+
+def aggregation_participants(
+    *,
+    seed: int,
+    round_index: int,
+    num_peers: int,
+    update_percent: float,
+    aggregate_percent: float,
+    dropout_percent: float,
+) -> FrozenSet[int]:
+    """Peers that join Moshpit All-Reduce this round (``--ap``), minus simulated churn (``--dl``).
+
+    As in the published reference, equal ``--up`` and ``--ap`` mean true partial participation: the same peers
+    train and aggregate. Each remaining peer then drops out independently with probability ``--dl`` percent.
+    """
+    if aggregate_percent == update_percent:
+        chosen = update_participants(
+            seed=seed, round_index=round_index, num_peers=num_peers, update_percent=update_percent
+        )
+    else:
+        chosen = _sample(seed, round_index, _SALT_AGGREGATE, num_peers, aggregate_percent)
+    if dropout_percent <= 0:
+        return chosen
+    rng = _round_rng(seed, round_index, _SALT_DROPOUT)
+    draws = rng.random(num_peers)  # one draw per peer index, so a peer's fate does not depend on the others
+    return frozenset(i for i in chosen if draws[i] >= dropout_percent / 100)
+
+
+# ==================== bootstrap addresses ====================
+
+
+def write_bootstrap_file(path: str, maddrs: Sequence[str]) -> None:
+    """Atomically publish the bootstrap node's multiaddrs (write then rename) for other hosts to read."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"initial_peers": list(maddrs), "written_at": time.time()}, f)
+    os.replace(tmp, path)
+
+
+def read_bootstrap_file(path: str, *, timeout: float) -> List[str]:
+    """Wait up to ``timeout`` seconds for a bootstrap file written by node 0 on a shared file system."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as f:
+                return list(json.load(f)["initial_peers"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            if time.monotonic() >= deadline:
+                raise SyncError(f"no bootstrap file at {path} after {timeout:.0f} s") from None
+            time.sleep(0.2)
+
+
+def parse_initial_peers(value: Optional[str], *, timeout: float = 120.0) -> List[str]:
+    """``--initial-peers``: comma/space separated multiaddrs, or the path of a bootstrap file."""
+    if not value:
+        return []
+    if value.startswith("/ip4/") or value.startswith("/ip6/") or value.startswith("/dns"):
+        return [part for part in value.replace(",", " ").split() if part]
+    return read_bootstrap_file(value, timeout=timeout)
+
+
+# ==================== network runtime ====================
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    initial_peers: Sequence[str] = ()
+    host: str = "127.0.0.1"
+    port: int = 0
+    announce_host: Optional[str] = None
+    nat_port_map: bool = False  # p2pd's UPnP/NAT-PMP probing of the local router is opt-in (WAN runs only)
+    startup_timeout: float = 60.0
+
+
+class PeerNetwork:
+    """One ``p2pd`` plus one in-process hivemind ``DHTNode``, served by an asyncio loop on a daemon thread.
+
+    The DHT node runs in this process rather than in ``hivemind.DHT``'s forked helper: that saves a process per
+    peer (memory is what limits how many peers fit on a node) and lets the averager share the same daemon.
+    """
+
+    def __init__(self, options: NetworkOptions):
+        self.options = options
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="mar-fl-net", daemon=True)
+        self.p2p: Any = None
+        self.dht: Any = None
+        self._closed = False
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def start(self) -> "PeerNetwork":
+        self._thread.start()
+        try:
+            self.run(self._create(), timeout=self.options.startup_timeout + 30)
+        except Exception as e:
+            self.shutdown()
+            raise SyncError(f"could not start the peer-to-peer network: {e}") from e
+        return self
+
+    async def _create(self) -> None:
+        from hivemind.dht.node import DHTNode
+        from hivemind.p2p import P2P
+
+        opts = self.options
+        host_maddrs = [f"/ip4/{opts.host}/tcp/{opts.port}"]
+        announce = [f"/ip4/{opts.announce_host}/tcp/{opts.port}"] if opts.announce_host and opts.port else None
+        self.p2p = await P2P.create(
+            initial_peers=list(opts.initial_peers),
+            host_maddrs=host_maddrs,
+            announce_maddrs=announce,
+            nat_port_map=opts.nat_port_map,
+            use_relay=False,
+            auto_nat=False,
+            startup_timeout=opts.startup_timeout,
+        )
+        self.dht = await DHTNode.create(
+            p2p=self.p2p,
+            initial_peers=list(opts.initial_peers),
+            cache_locally=False,  # barriers must see fresh subkeys, never a cached snapshot
+            cache_on_store=False,
+        )
+
+    @property
+    def p2pd_pid(self) -> Optional[int]:
+        child = getattr(self.p2p, "_child", None)
+        return None if child is None else child.pid
+
+    def run(self, coro: Awaitable[T], *, timeout: Optional[float] = None) -> T:
+        """Run a coroutine on the network loop from the (synchronous) caller's thread."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
+
+    def visible_maddrs(self) -> List[str]:
+        maddrs = self.run(self.p2p.get_visible_maddrs(), timeout=30)
+        return [str(m) for m in maddrs]
+
+    def shutdown(self) -> None:
+        """Stop the DHT node and the daemon; safe to call twice and from any exit path."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.loop.is_running():
+            try:
+                self.run(self._close(), timeout=10)
+            except BaseException as e:  # noqa: BLE001 - shutdown must go on whatever failed
+                logger.debug("network shutdown: %r", e)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+        self.kill_daemon()
+
+    async def _close(self) -> None:
+        if self.dht is not None:
+            await asyncio.wait_for(self.dht.shutdown(), timeout=5)
+        if self.p2p is not None:
+            await asyncio.wait_for(self.p2p.shutdown(), timeout=5)
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+
+    def kill_daemon(self) -> None:
+        """Last resort for signal handlers and atexit: the daemon must never outlive its peer."""
+        pid = self.p2pd_pid
+        if pid is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+            for _ in range(20):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        return
+                except ChildProcessError:
+                    return
+                time.sleep(0.05)
+
+
+# ==================== DHT barriers ====================
+
+
+def dht_time() -> float:
+    from hivemind.utils import get_dht_time
+
+    return get_dht_time()
+
+
+async def publish(dht: Any, key: str, subkey: str, value: Any, *, ttl: float) -> bool:
+    return await dht.store(key, value, expiration_time=dht_time() + ttl, subkey=subkey)
+
+
+async def read_subkeys(dht: Any, key: str) -> Dict[str, Any]:
+    """All subkeys of ``key`` with their values: one DHT ``get`` whatever the number of peers."""
+    found = await dht.get(key, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    return {str(sub): item.value for sub, item in found.value.items()}
+
+
+async def poll_until(check, *, deadline: float, first_delay: float = 0.005, max_delay: float = 0.1) -> bool:
+    """Await ``check()`` (a coroutine returning bool) with growing back-off until it is true or the deadline."""
+    delay = first_delay
+    while True:
+        if await check():
+            return True
+        now = time.monotonic()
+        if now >= deadline:
+            return False
+        await asyncio.sleep(min(delay, deadline - now))
+        delay = min(delay * 1.5, max_delay)
+
+
+async def async_barrier(
+    dht: Any, key: str, *, me: int, expected: Collection[int], timeout: float, ttl: float = 600.0
+) -> FrozenSet[int]:
+    """Announce ``me`` under ``key`` and wait until all ``expected`` indices arrived or ``timeout`` passes."""
+    await publish(dht, key, str(me), True, ttl=ttl)
+    wanted = frozenset(expected)
+    arrived: FrozenSet[int] = frozenset({me})
+
+    async def everyone_there() -> bool:
+        nonlocal arrived
+        arrived = frozenset(int(s) for s in await read_subkeys(dht, key)) | {me}
+        return wanted <= arrived
+
+    await poll_until(everyone_there, deadline=time.monotonic() + timeout)
+    return arrived
+
+
+def barrier(
+    network: PeerNetwork, key: str, *, me: int, expected: Iterable[int], timeout: float
+) -> FrozenSet[int]:
+    """Synchronous wrapper of :func:`async_barrier`; returns the indices that arrived before the deadline."""
+    coro = async_barrier(network.dht, key, me=me, expected=list(expected), timeout=timeout)
+    return network.run(coro, timeout=timeout + 30)
