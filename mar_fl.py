@@ -70,8 +70,16 @@ def _pin_peer(cfg: RunConfig, index: int) -> str:
 
 
 def _setup_peer_logging(run_dir: str, index: int) -> None:
+    """Peers log to ``logs/peer_NNNN.log``; their stdout/stderr (library warnings, p2pd) go there too."""
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
-    handler = logging.FileHandler(os.path.join(run_dir, "logs", f"peer_{index:04d}.log"))
+    path = os.path.join(run_dir, "logs", f"peer_{index:04d}.log")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -145,7 +153,7 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
     import torch
 
     from config_setup import mini_batches_per_round
-    from ml_tasks import get_task, test_slice
+    from ml_tasks import get_task, eval_slice
     from moshpit_all_reduce import AveragerOptions, MarSchedule, MoshpitAverager
     from peer_aggregation_logic import make_aggregator
     from peer_synchronization import barrier
@@ -154,7 +162,7 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
     train, test = task.load(cfg.data_dir)
     state = _init_peer_state(cfg, task, train, index, torch.device(device))
     num_batches = mini_batches_per_round(cfg, num_samples=len(train))
-    test_idx = test_slice(len(test), index, cfg.num_peers)
+    test_idx = eval_slice(len(test), index, cfg.num_peers)
     averager = MoshpitAverager(network, AveragerOptions(
         prefix=prefix, index=index, compression=cfg.compression,
         matchmaking_timeout=cfg.matchmaking_timeout, allreduce_timeout=cfg.allreduce_timeout))
@@ -332,6 +340,8 @@ class Launcher:
 
     def _spawn_peers(self, initial_peers: List[str]) -> None:
         ctx = mp.get_context("forkserver")
+        # the forkserver imports hivemind, whose torch.jit use warns on stderr at import: keep the console clean
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
         ctx.set_forkserver_preload(_PRELOAD)  # children share the imported torch/hivemind pages copy-on-write
         for index in self.cfg.local_peers():
             proc = ctx.Process(target=peer_entry, name=f"peer-{index}",
@@ -500,10 +510,10 @@ def _setup_console_logging() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_console_logging()
+    from ml_tasks import DataError, get_task
+
     try:
         cfg = parse_config(argv)
-        from ml_tasks import DataError, get_task
-
         get_task(cfg.task).prepare(cfg.data_dir)
     except (ConfigError, DataError) as e:
         print(f"mar_fl.py: error: {e}", file=sys.stderr)

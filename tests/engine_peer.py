@@ -1,0 +1,67 @@
+"""One engine peer for the integration tests: runs MAR on seeded tensors and saves what it ended with."""
+import argparse
+import json
+import os
+import signal
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from moshpit_all_reduce import AveragerOptions, MarSchedule, MoshpitAverager, moshpit_all_reduce  # noqa: E402
+from peer_synchronization import NetworkOptions, PeerNetwork, barrier  # noqa: E402
+
+
+def initial_tensors(index: int):
+    g = torch.Generator().manual_seed(index)
+    return [torch.randn(200_000, generator=g), torch.randn(37, 11, generator=g)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--np", type=int, required=True)
+    p.add_argument("--gs", type=int, default=2)
+    p.add_argument("--ni", type=int, default=3)
+    p.add_argument("--alive", required=True, help="comma-separated indices expected at the start barrier")
+    p.add_argument("--initial-peers", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--die-in-step", type=int, default=None)
+    p.add_argument("--compression", default="none")
+    args = p.parse_args()
+    os.setpgrp()  # the test can then reap our p2pd even if we are SIGKILLed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    net = PeerNetwork(NetworkOptions(initial_peers=args.initial_peers.split(","))).start()
+    try:
+        with open(args.out + ".pid", "w") as f:
+            f.write(str(net.p2pd_pid))
+        averager = MoshpitAverager(net, AveragerOptions(prefix="enginetest", index=args.index,
+                                                        compression=args.compression,
+                                                        matchmaking_timeout=4.0, allreduce_timeout=3.0))
+        if args.die_in_step is not None:
+            original = averager._allreduce
+
+            async def dying_allreduce(key, *a, **kw):
+                if f".s{args.die_in_step}." in key:
+                    os.kill(os.getpid(), signal.SIGKILL)  # after matchmaking: we are in the agreed group
+                return await original(key, *a, **kw)
+
+            averager._allreduce = dying_allreduce
+        alive = [int(i) for i in args.alive.split(",")]
+        barrier(net, "enginetest.start", me=args.index, expected=alive, timeout=180)
+        tensors = initial_tensors(args.index)
+        report = moshpit_all_reduce(averager, tensors, participants=range(args.np), round_index=0,
+                                    schedule=MarSchedule(args.gs, args.ni, args.ni))
+        torch.save(tensors, args.out)
+        with open(args.out + ".json", "w") as f:
+            json.dump({"members": [s.members for s in report.steps], "sent": report.bytes_sent}, f)
+        barrier(net, "enginetest.end", me=args.index, expected=alive, timeout=15)
+    finally:
+        net.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Flag parsing and validation (no network, nothing started)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from config_setup import ConfigError, RunConfig, mini_batches_per_round, parse_config
+from conftest import ROOT
+
+
+def test_reference_short_flags_and_long_aliases_agree():
+    short = parse_config(["-sd", "7", "--np", "16", "--gs", "4", "--gk", "2", "--ni", "2", "--iv", "3", "--wandb",
+                          "disabled"])
+    long = parse_config(["--seed", "7", "--num-peers", "16", "--group-size", "4", "--group-key-dim", "2",
+                         "--mar-steps", "2", "--iteration-value", "3", "--wandb", "disabled"])
+    assert short == long
+    assert (short.seed, short.num_peers, short.group_size, short.mar_steps) == (7, 16, 4, 2)
+    assert parse_config(["--sd", "9", "--wandb", "disabled"]).seed == 9
+
+
+def test_config_is_frozen():
+    cfg = parse_config(["--wandb", "disabled"])
+    with pytest.raises(Exception):
+        cfg.seed = 3
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--np", "0"], "--np"),
+        (["--gs", "1"], "--gs"),
+        (["--up", "0"], "--up"),
+        (["--ap", "150"], "--ap"),
+        (["--dl", "100"], "--dl"),
+        (["--mm", "1.0"], "--mm"),
+        (["--lr", "-1"], "--lr"),
+        (["--sp", "weird"], "--sp"),
+        (["--im", "2"], "--im"),
+        (["--peer-range", "3-99"], "--peer-range"),
+        (["--nb"], "--kd"),
+        (["--compression", "zip"], "--compression"),
+        (["--np", "x"], "--np"),
+    ],
+)
+def test_invalid_values_name_the_flag(argv, flag):
+    with pytest.raises(ConfigError) as err:
+        parse_config(argv + ["--wandb", "disabled"])
+    assert flag in str(err.value)
+
+
+def test_values_are_never_rewritten():
+    cfg = parse_config(["--np", "16", "--up", "50", "--ap", "80", "--wandb", "disabled"])
+    assert (cfg.update_percent, cfg.aggregate_percent) == (50, 80)
+
+
+def test_mini_batches_per_round():
+    assert mini_batches_per_round(RunConfig(iteration_mode="batches", iteration_value=4), num_samples=60000) == 4
+    # passes: 60000 / 8 peers / 64 = 118 batches per partition, seen once every 10 rounds -> 12 per round
+    cfg = RunConfig(iteration_mode="passes", iteration_value=10, num_peers=8, batch_size=64)
+    assert mini_batches_per_round(cfg, num_samples=60000) == 12
+
+
+def test_peer_range_is_inclusive():
+    cfg = parse_config(["--np", "8", "--peer-range", "2-5", "--wandb", "disabled"])
+    assert list(cfg.local_peers()) == [2, 3, 4, 5]
+
+
+def test_cli_error_is_one_line_exit_2_and_starts_nothing(tmp_path, no_new_p2pd):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mar_fl.py"), "--gs", "1", "--run-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--gs" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mar_fl.py"), "--data-dir", str(tmp_path),
+                           "--wandb", "disabled"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MARFL_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert "MNIST not found" in proc.stderr and "Traceback" not in proc.stderr
