@@ -1,0 +1,88 @@
+"""End-to-end: the launcher, real peer processes, MNIST from ../shared/data."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+TIMING = {"round_seconds", "train_seconds", "aggregation_seconds", "elapsed_seconds"}
+ROUND_KEYS = {"round", "train_loss", "test_accuracy", "test_loss", "participating_peers", "bytes_sent_per_peer",
+              "round_seconds", "train_seconds", "aggregation_seconds", "avg_group_size"}
+SUMMARY_KEYS = {"best_test_accuracy", "final_test_accuracy", "rounds", "wall_seconds", "seconds_to_target"}
+
+
+def shm_entries() -> set:
+    return set(os.listdir("/dev/shm"))
+
+
+def launch(run_dir, data_dir, *extra, rounds=4):
+    cmd = [sys.executable, os.path.join(ROOT, "mar_fl.py"), "--np", "4", "--gs", "2", "--gk", "2", "--ni", "2",
+           "--rounds", str(rounds), "--tf", "2", "--iv", "4", "-sd", "3", "--data-dir", data_dir,
+           "--run-dir", str(run_dir), "--wandb", "disabled", "--matchmaking-timeout", "30", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+    run_dir = tmp_path_factory.mktemp("e2e") / "run"
+    shm_before = shm_entries()
+    proc = launch(run_dir, data_dir)
+    out, err = proc.communicate(timeout=600)
+    return run_dir, proc.returncode, out, err, shm_before
+
+
+def test_run_completes_and_run_dir_is_complete(finished_run, no_new_p2pd):
+    run_dir, code, out, err, shm_before = finished_run
+    assert code == 0, err[-2000:]
+    for name in ("config.json", "metrics.jsonl", "summary.json"):
+        assert (run_dir / name).is_file()
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert all(ROUND_KEYS <= set(r) for r in rows)
+    assert all(r["participating_peers"] == 4 and r["avg_group_size"] == 2 for r in rows)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary) and summary["rounds"] == 4
+    assert sum(1 for line in out.splitlines() if line.startswith("round ")) == 4  # one status line per round
+    assert not (shm_entries() - shm_before)
+
+
+def test_accuracy_rises(finished_run):
+    rows = read_metrics(finished_run[0])
+    tested = [r["test_accuracy"] for r in rows if r["test_accuracy"] is not None]
+    assert len(tested) == 2 and tested[1] > tested[0] > 10.0
+
+
+def test_same_seed_same_metrics(finished_run, tmp_path, data_dir, no_new_p2pd):
+    proc = launch(tmp_path / "again", data_dir)
+    proc.communicate(timeout=600)
+    assert proc.returncode == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "again")) == strip(read_metrics(finished_run[0]))
+
+
+def test_sigterm_stops_everything_cleanly(tmp_path, data_dir, no_new_p2pd):
+    shm_before = shm_entries()
+    run_dir = tmp_path / "term"
+    proc = launch(run_dir, data_dir, rounds=500)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    while time.time() < deadline and (run_dir / "metrics.jsonl").stat().st_size == 0:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert "Traceback" not in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["rounds"] >= 1
+    assert not (shm_entries() - shm_before)
