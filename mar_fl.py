@@ -324,6 +324,7 @@ class Launcher:
         self.stopping = False
         self.wandb = None
         self.history: List[Dict[str, Any]] = []
+        self.best_loss, self.best_loss_round = math.inf, 0
         self.started = time.time()
 
     def _start_network(self) -> List[str]:
@@ -392,17 +393,15 @@ class Launcher:
 
     def _check_stop(self, row: Dict[str, Any], collector: MetricsCollector) -> None:
         cfg = self.cfg
-        acc = row["test_accuracy"]
         after = collector.newest_round + 2  # peers run at most a round or two apart
-        if cfg.target_accuracy > 0 and acc is not None and acc >= cfg.target_accuracy:
+        if cfg.target_accuracy > 0 and (row["test_accuracy"] or 0) >= cfg.target_accuracy:
             self.publish_stop(f"target accuracy {cfg.target_accuracy:g}% reached", after)
         if cfg.patience > 0 and row["test_loss"] is not None:
-            tested = [r for r in self.history if r["test_loss"] is not None]
-            best = min(tested, key=lambda r: r["test_loss"])
-            if row["round"] - best["round"] >= cfg.patience and len(tested) > 1:
-                earlier = [r["test_loss"] for r in tested if r["round"] < best["round"]]
-                if not earlier or min(earlier) - best["test_loss"] < cfg.convergence_threshold:
-                    self.publish_stop("test loss stopped improving", after)
+            if row["test_loss"] < self.best_loss - cfg.convergence_threshold:
+                self.best_loss, self.best_loss_round = row["test_loss"], row["round"]
+            elif row["round"] - self.best_loss_round >= cfg.patience:
+                self.publish_stop(f"test loss did not improve by {cfg.convergence_threshold:g} "
+                                  f"in {cfg.patience} rounds", after)
 
     def _check_runtime(self, collector: MetricsCollector) -> None:
         if time.time() - self.started > self.cfg.max_runtime_hours * 3600:
