@@ -385,12 +385,13 @@ class MoshpitAverager:
 
     async def _gather(self, key, members, tensors, traffic) -> Dict[int, List[torch.Tensor]]:
         group_id = self._group_id(key)
-        chunks = []
-        for tensor in tensors:
-            serialized = serialize_torch_tensor(tensor.detach().cpu(), self.compression.compression_type)
-            for i, chunk in enumerate(split_for_streaming(serialized)):
-                chunks.append((len(chunks), chunk))
-        own_chunks = [chunk for _, chunk in chunks]
+        own_chunks = [
+            chunk
+            for tensor in tensors
+            for chunk in split_for_streaming(
+                serialize_torch_tensor(tensor.detach().cpu(), self.compression.compression_type)
+            )
+        ]
         await self.servicer.register(self.servicer.shared, group_id, (own_chunks, traffic))
         results: Dict[int, List[torch.Tensor]] = {}
 
@@ -490,15 +491,12 @@ async def _azip(tensors: Sequence[torch.Tensor], deltas) -> AsyncIterator[Tuple[
 
 
 def _regroup(chunks, combine) -> List[Any]:
-    """Split a flat chunk stream back into tensors: a new tensor starts wherever a chunk carries a dtype."""
-    tensors, current = [], []
-    for chunk in chunks:
-        if chunk.dtype and current:
-            tensors.append(combine(current))
-            current = []
-        current.append(chunk)
-    if current:
-        tensors.append(combine(current))
+    """Split a flat chunk stream back into tensors: each tensor's first chunk says how many chunks it has."""
+    tensors, position = [], 0
+    while position < len(chunks):
+        count = max(1, chunks[position].chunks)
+        tensors.append(combine(chunks[position : position + count]))
+        position += count
     return tensors
 
 

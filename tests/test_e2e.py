@@ -86,3 +86,18 @@ def test_sigterm_stops_everything_cleanly(tmp_path, data_dir, no_new_p2pd):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["rounds"] >= 1
     assert not (shm_entries() - shm_before)
+
+
+def test_two_hosts_share_a_run_through_the_bootstrap_file(tmp_path, data_dir, no_new_p2pd):
+    """Two launchers emulate two nodes: node 0 runs peers 0-1 and writes bootstrap.json, node 1 runs 2-3."""
+    run_dir = tmp_path / "multi"
+    node0 = launch(run_dir, data_dir, "--peer-range", "0-1", rounds=2)
+    node1 = launch(run_dir, data_dir, "--peer-range", "2-3", "--initial-peers", str(run_dir / "bootstrap.json"),
+                   rounds=2)
+    out1, err1 = node1.communicate(timeout=600)
+    out0, err0 = node0.communicate(timeout=600)
+    assert (node0.returncode, node1.returncode) == (0, 0), err0[-1500:] + err1[-1500:]
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["reporting_peers"] == 4 and r["participating_peers"] == 4 for r in rows)
+    assert "round " not in out1  # only the launcher of peer 0 reports

@@ -49,3 +49,29 @@ def test_bootstrap_file_round_trip(tmp_path):
     assert parse_initial_peers(path, timeout=1) == ["/ip4/127.0.0.1/tcp/1/p2p/QmX"]
     assert parse_initial_peers("/ip4/1.2.3.4/tcp/5/p2p/A,/ip4/1.2.3.4/tcp/6/p2p/B", timeout=1) == [
         "/ip4/1.2.3.4/tcp/5/p2p/A", "/ip4/1.2.3.4/tcp/6/p2p/B"]
+
+
+def test_all_gather_delivers_every_groupmates_full_tensors(networks):
+    import torch
+
+    from moshpit_all_reduce import AveragerOptions, MoshpitAverager
+
+    averagers = [MoshpitAverager(net, AveragerOptions(prefix="gathertest", index=i, matchmaking_timeout=10))
+                 for i, net in enumerate(networks)]
+    tensors = {i: [torch.full((3, 4), float(i)), torch.arange(300_000, dtype=torch.float32) * (i + 1)]
+               for i in range(3)}
+    results = {}
+
+    def go(i):
+        results[i] = averagers[i].all_gather(tensors[i], key="gathertest.k", expected=frozenset(range(3)))
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (report, gathered) in results.items():
+        assert report.members == (0, 1, 2) and sorted(gathered) == sorted({0, 1, 2} - {i})
+        for j, got in gathered.items():
+            assert all(torch.equal(a, b) for a, b in zip(got, tensors[j]))
+        assert report.bytes_received > 2 * 300_000 * 4  # two groupmates' big tensors came over the wire
