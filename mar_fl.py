@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from config_setup import ConfigError, RunConfig, build_parser, config_from_json, parse_config, run_name, save_config
+from config_setup import ConfigError, RunConfig, config_from_json, parse_config, run_name, save_config
 
 logger = logging.getLogger("mar_fl")
 
@@ -126,7 +126,7 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
         raise
     except Exception:
         logger.exception("peer %d failed", index)
-        raise SystemExit(EXIT_FAILED)
+        raise SystemExit(EXIT_FAILED) from None
     finally:
         if network is not None:
             network.shutdown()
@@ -494,6 +494,14 @@ def _mean(xs: Sequence[float]) -> Optional[float]:
 # ==================== command line ====================
 
 
+def _check_device(cfg: RunConfig) -> None:
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--dv cuda was given but no CUDA device is visible on this host")
+
+
 def prepare_run_dir(cfg: RunConfig) -> str:
     run_dir = cfg.run_dir or os.path.join("runs", f"{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(run_dir, exist_ok=True)
@@ -513,6 +521,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         cfg = parse_config(argv)
+        _check_device(cfg)
         get_task(cfg.task).prepare(cfg.data_dir)
     except (ConfigError, DataError) as e:
         print(f"mar_fl.py: error: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
 """Flag parsing and validation (no network, nothing started)."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ def test_reference_short_flags_and_long_aliases_agree():
 
 def test_config_is_frozen():
     cfg = parse_config(["--wandb", "disabled"])
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 3
 
 
@@ -81,3 +82,13 @@ def test_missing_data_is_a_clear_error(tmp_path):
                           env={**os.environ, "MARFL_OFFLINE": "1"})
     assert proc.returncode == 2
     assert "MNIST not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cuda_without_gpu_is_refused_up_front(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mar_fl.py"), "--dv", "cuda", "--run-dir",
+                           str(tmp_path / "run"), "--wandb", "disabled"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--dv cuda" in proc.stderr and "Traceback" not in proc.stderr

@@ -36,7 +36,7 @@ def run_peers(tmp_path, maddrs, *, live, die=None, compression="none"):
         for i, proc in procs.items():
             codes[i] = proc.wait(timeout=240)  # a hang check, not a speed assertion
     finally:
-        for i, proc in procs.items():
+        for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
