@@ -32,6 +32,24 @@ class PeerStopped(SystemExit):
     """Raised in a peer by SIGTERM/SIGINT so that every ``finally`` (daemon shutdown) runs."""
 
 
+def configure_peer_environment() -> None:
+    """Environment the forkserver (and so every peer and its p2pd) starts with; memory decides how many fit."""
+    # the forkserver imports hivemind, whose torch.jit use warns on stderr at import: keep the console clean
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    # glibc gives each thread its own heap arena; the averager's worker threads would each keep tens of MB
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS after a round (all-reduce buffers are large and short-lived)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def control_key(prefix: str) -> str:
     return f"{prefix}.control"
 
@@ -180,6 +198,7 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
                                 test_idx=test_idx, num_batches=num_batches, averager=averager,
                                 aggregator=aggregator, schedule=schedule, device=torch.device(device))
             out.write(json.dumps(record) + "\n")
+            release_freed_memory()
     barrier(network, f"{prefix}.end", me=index, expected=range(cfg.num_peers), timeout=cfg.allreduce_timeout)
     averager.close()
 
@@ -341,8 +360,7 @@ class Launcher:
 
     def _spawn_peers(self, initial_peers: List[str]) -> None:
         ctx = mp.get_context("forkserver")
-        # the forkserver imports hivemind, whose torch.jit use warns on stderr at import: keep the console clean
-        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+        configure_peer_environment()
         ctx.set_forkserver_preload(_PRELOAD)  # children share the imported torch/hivemind pages copy-on-write
         for index in self.cfg.local_peers():
             proc = ctx.Process(target=peer_entry, name=f"peer-{index}",

@@ -317,7 +317,7 @@ def train_batches(
 
 @torch.no_grad()
 def evaluate(task: Task, model: nn.Module, *, data: ArrayDataset, indices: np.ndarray, device: torch.device,
-             batch_size: int = 500) -> Dict[str, float]:
+             batch_size: int = 100) -> Dict[str, float]:
     """Summed loss and correct count on ``indices`` (sums, so the launcher can pool peers exactly)."""
     model.eval()
     correct, loss_sum = 0, 0.0

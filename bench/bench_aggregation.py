@@ -66,6 +66,7 @@ def cpu_seconds(pid: int) -> float:
 def worker(index: int, args: dict, maddrs, results) -> None:
     import torch
 
+    from mar_fl import release_freed_memory
     from moshpit_all_reduce import AveragerOptions, MarSchedule, MoshpitAverager, moshpit_all_reduce
     from peer_synchronization import NetworkOptions, PeerNetwork, barrier
 
@@ -89,6 +90,7 @@ def worker(index: int, args: dict, maddrs, results) -> None:
                 cpu["p2pd"] += cpu_seconds(net.p2pd_pid) - cpu0[1]
             mean = global_mean(n, r) if index < args["check_peers"] else None
             err = max((a - b).abs().max().item() for a, b in zip(tensors, mean)) if mean else None
+            release_freed_memory()
             rows.append({"seconds": seconds, "sent": report.bytes_sent, "received": report.bytes_received,
                          "err": err, "payload": sum(t.numel() * t.element_size() for t in tensors)})
         barrier(net, "bench.end", me=index, expected=range(n), timeout=120)
@@ -103,8 +105,10 @@ def run(args: argparse.Namespace) -> dict:
     from peer_synchronization import NetworkOptions, PeerNetwork
 
     boot = PeerNetwork(NetworkOptions()).start()
+    from mar_fl import configure_peer_environment
+
     ctx = mp.get_context("forkserver")
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    configure_peer_environment()  # the same environment mar_fl.py gives its peers
     ctx.set_forkserver_preload(["torch", "hivemind", "moshpit_all_reduce"])
     results = ctx.Queue()
     conf = {"np": args.np, "gs": args.gs, "gk": args.gk or args.ni, "ni": args.ni, "rounds": args.rounds,
