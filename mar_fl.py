@@ -106,19 +106,31 @@ def _setup_peer_logging(run_dir: str, index: int) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _watch_parent() -> None:
-    """If the launcher dies without telling us, stop too (the finally clause then stops our p2pd)."""
-    parent = os.getppid()
+def _watch_launcher(launcher_pid: int) -> None:
+    """If the launcher dies without telling us (SIGKILL, OOM), stop too; the finally clause stops our p2pd.
+
+    Our parent is the forkserver, which outlives a killed launcher, so we watch the launcher's pid itself.
+    """
+
+    def launcher_alive() -> bool:
+        try:
+            os.kill(launcher_pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
 
     def watch():
-        while os.getppid() == parent:
+        while launcher_alive():
             time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers: List[str], prefix: str) -> None:
+def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers: List[str], prefix: str,
+               launcher_pid: int) -> None:
     """Process entry point of one peer."""
     os.setpgrp()  # its own process group: the launcher can reap the peer's p2pd even after a SIGKILL
 
@@ -127,7 +139,7 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    _watch_parent()
+    _watch_launcher(launcher_pid)
     cfg = config_from_json(cfg_json)
     _setup_peer_logging(run_dir, index)
     network = None
@@ -364,7 +376,7 @@ class Launcher:
         ctx.set_forkserver_preload(_PRELOAD)  # children share the imported torch/hivemind pages copy-on-write
         for index in self.cfg.local_peers():
             proc = ctx.Process(target=peer_entry, name=f"peer-{index}",
-                               args=(self.cfg.to_json(), index, self.run_dir, initial_peers, self.prefix))
+                               args=(self.cfg.to_json(), index, self.run_dir, initial_peers, self.prefix, os.getpid()))
             proc.start()
             self.procs[index] = proc
 

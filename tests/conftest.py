@@ -28,6 +28,23 @@ def alive(pid: int) -> bool:
         return False
 
 
+def descendants(root: int) -> set:
+    """Every process below ``root`` (children, grandchildren, ...), read from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
 @pytest.fixture
 def no_new_p2pd():
     """Fail the test if it leaves a p2pd behind that was not running before it started."""

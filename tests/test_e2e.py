@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, alive, descendants
 
 TIMING = {"round_seconds", "train_seconds", "aggregation_seconds", "elapsed_seconds"}
 ROUND_KEYS = {"round", "train_loss", "test_accuracy", "test_loss", "participating_peers", "bytes_sent_per_peer",
@@ -101,3 +101,26 @@ def test_two_hosts_share_a_run_through_the_bootstrap_file(tmp_path, data_dir, no
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["reporting_peers"] == 4 and r["participating_peers"] == 4 for r in rows)
     assert "round " not in out1  # only the launcher of peer 0 reports
+
+
+def test_peers_stop_when_the_launcher_is_killed(tmp_path, data_dir, no_new_p2pd):
+    """SIGKILL leaves the launcher no chance to clean up: its peers notice and stop their p2pd themselves."""
+    run_dir = tmp_path / "killed"
+    proc = launch(run_dir, data_dir, rounds=500)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    while time.time() < deadline and (run_dir / "metrics.jsonl").stat().st_size == 0:
+        time.sleep(0.5)
+    family = descendants(proc.pid)  # forkserver, peers and their p2pd, before the launcher is gone
+    proc.kill()
+    proc.wait()
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and any(alive(pid) for pid in family):
+            time.sleep(0.5)
+        assert not [pid for pid in family if alive(pid)]
+    finally:
+        for pid in family:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
