@@ -102,6 +102,26 @@ def mixing_error(values: np.ndarray, group_size: int, key_dim: int, steps: int) 
 # ==================== wire compression ====================
 
 
+def _fix_quantization_for_numpy2() -> None:
+    """hivemind 1.1.12 reads the 8-bit codebook size with ``int()`` of a one-element array, which numpy 2
+    refuses; without this every 8-bit shard fails to decode and silently stays local."""
+    from hivemind.compression import quantization
+
+    def extract(self, serialized_tensor):
+        buffer = serialized_tensor.buffer
+        size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
+        codebook = np.frombuffer(buffer, offset=8, count=size, dtype=self.codebook_dtype)
+        indices = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
+        indices = torch.as_tensor(indices, dtype=torch.int64).reshape(tuple(serialized_tensor.size))
+        table = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized_tensor.dtype))
+        return table[indices].requires_grad_(serialized_tensor.requires_grad)
+
+    quantization.Quantization.extract = extract
+
+
+_fix_quantization_for_numpy2()
+
+
 def make_compression(name: str) -> Any:
     table = {"none": NoCompression, "fp16": Float16Compression, "8bit": Uniform8BitQuantization}
     if name not in table:

@@ -67,3 +67,18 @@ def test_group_count_respects_key_dim():
     assert num_groups(16, 4, 2) == 4
     assert num_groups(100, 4, 2) == 4  # gk caps the key space: bigger groups, not more of them
     assert num_groups(3, 4, 3) == 1
+
+
+# 8bit is hivemind's uniform quantizer: 256 bins over +-3 sigma, so tails clip (max error) but bulk is close
+@pytest.mark.parametrize("name,tolerance,mean_tolerance", [("none", 0.0, 0.0), ("fp16", 1e-2, 1e-3),
+                                                           ("8bit", 1.0, 0.02)])
+def test_wire_compression_round_trip(name, tolerance, mean_tolerance):
+    import torch
+    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+
+    from moshpit_all_reduce import make_compression
+
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    y = deserialize_torch_tensor(serialize_torch_tensor(x, make_compression(name).compression_type))
+    assert y.shape == x.shape and (x - y).abs().max().item() <= tolerance
+    assert (x - y).abs().mean().item() <= mean_tolerance
