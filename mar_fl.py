@@ -285,7 +285,7 @@ def summarize_round(records: Sequence[Dict[str, Any]], run_start: float) -> Dict
         "bytes_sent_per_peer": mean([r["bytes_sent"] for r in aggregated]) or 0,
         "bytes_received_per_peer": mean([r["bytes_received"] for r in aggregated]) or 0,
         "avg_group_size": mean([r["group_size"] for r in aggregated]) or 0,
-        "round_seconds": mean([r["round_seconds"] for r in records]),
+        "round_seconds": max(r["round_seconds"] for r in records),  # the slowest peer sets the pace
         "train_seconds": mean([r["train_seconds"] for r in records]),
         "aggregation_seconds": mean([r["aggregation_seconds"] for r in records]),
         "elapsed_seconds": max(r["t_end"] for r in records) - run_start,
@@ -294,12 +294,19 @@ def summarize_round(records: Sequence[Dict[str, Any]], run_start: float) -> Dict
 
 @dataclass
 class MetricsCollector:
-    """Tails ``peers/peer_*.jsonl`` and emits each round once every peer reported it (or peers moved on)."""
+    """Tails ``peers/peer_*.jsonl`` and emits each round once every live peer has reported it.
+
+    Peers that sit a round out race ahead, so "somebody is already further" proves nothing; a round is given up
+    on only when its missing peers are known dead or it has waited ``stale_after`` seconds (a remote peer that
+    hangs must not stall the report forever).
+    """
 
     run_dir: str
     num_peers: int
+    stale_after: float = 300.0
     offsets: Dict[str, int] = field(default_factory=dict)
     pending: Dict[int, List[Dict[str, Any]]] = field(default_factory=dict)
+    first_seen: Dict[int, float] = field(default_factory=dict)
     next_round: int = 1
     newest_round: int = 0
     run_start: Optional[float] = None
@@ -314,18 +321,25 @@ class MetricsCollector:
             complete = chunk[: chunk.rfind("\n") + 1]  # a peer may be mid-line
             self.offsets[name] = self.offsets.get(name, 0) + len(complete.encode())
             for line in complete.splitlines():
-                rec = json.loads(line)
-                self.pending.setdefault(rec["round"], []).append(rec)
-                self.newest_round = max(self.newest_round, rec["round"])
-                if rec["round"] == 1:
-                    self.run_start = min(self.run_start or rec["t_start"], rec["t_start"])
+                self._add(json.loads(line))
 
-    def poll(self, *, final: bool = False) -> List[Dict[str, Any]]:
+    def _add(self, rec: Dict[str, Any]) -> None:
+        if rec["round"] < self.next_round:
+            return  # that round was already reported without this (slow or once-dead) peer
+        self.pending.setdefault(rec["round"], []).append(rec)
+        self.first_seen.setdefault(rec["round"], time.time())
+        self.newest_round = max(self.newest_round, rec["round"])
+        if rec["round"] == 1:
+            self.run_start = min(self.run_start or rec["t_start"], rec["t_start"])
+
+    def poll(self, *, dead: Sequence[int] = (), final: bool = False) -> List[Dict[str, Any]]:
         self._read_new()
         rows = []
         while self.next_round in self.pending:
-            have = len(self.pending[self.next_round])
-            if not (have >= self.num_peers or self.newest_round >= self.next_round + 2 or final):
+            records = self.pending[self.next_round]
+            missing = set(range(self.num_peers)) - {r["peer"] for r in records} - set(dead)
+            stale = time.time() - self.first_seen[self.next_round] > self.stale_after
+            if missing and not (final or stale):
                 break
             rows.append(summarize_round(self.pending.pop(self.next_round), self.run_start or 0.0))
             self.next_round += 1
@@ -393,14 +407,15 @@ class Launcher:
         os.makedirs(os.path.join(self.run_dir, "peers"), exist_ok=True)
         initial_peers = self._start_network()
         self._spawn_peers(initial_peers)
-        collector = MetricsCollector(self.run_dir, self.cfg.num_peers)
+        stale = 2 * self.cfg.matchmaking_timeout + 3 * self.cfg.allreduce_timeout + 60
+        collector = MetricsCollector(self.run_dir, self.cfg.num_peers, stale_after=stale)
         if self.primary:
             self._init_wandb()
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", buffering=1) as metrics:
             while any(p.is_alive() for p in self.procs.values()):
                 self._reap_dead()
                 if self.primary:
-                    self._emit(collector.poll(), metrics, collector)
+                    self._emit(collector.poll(dead=self._dead_peers()), metrics, collector)
                     self._check_runtime(collector)
                 time.sleep(0.5)
             self._reap_dead()
@@ -436,6 +451,9 @@ class Launcher:
     def _check_runtime(self, collector: MetricsCollector) -> None:
         if time.time() - self.started > self.cfg.max_runtime_hours * 3600:
             self.publish_stop("--rt runtime limit", collector.newest_round + 2)
+
+    def _dead_peers(self) -> List[int]:
+        return [i for i, p in self.procs.items() if not p.is_alive() and p.exitcode != 0]
 
     def _reap_dead(self) -> None:
         for index, proc in self.procs.items():
@@ -492,13 +510,15 @@ class Launcher:
                 proc.kill()
                 proc.join(timeout=5)
             _kill_group(proc.pid)
+        if self.network is not None:
+            self.network.shutdown()
+
+    def finish_wandb(self) -> None:
         if self.wandb is not None:
             try:
                 self.wandb.finish()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - the run's files are already written
                 logger.warning("wandb finish failed: %s", e)
-        if self.network is not None:
-            self.network.shutdown()
 
 
 def _kill_group(pid: Optional[int]) -> None:
@@ -584,6 +604,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             summary = launcher.write_summary(status)
             print(f"done ({status}): best {summary['best_test_accuracy']}, final {summary['final_test_accuracy']}, "
                   f"{summary['rounds']} rounds, {summary['wall_seconds']:.0f} s", flush=True)
+        launcher.finish_wandb()
     return code
 
 

@@ -41,12 +41,22 @@ def test_collector_waits_for_all_peers_and_skips_partial_lines(tmp_path):
     assert [r["round"] for r in rows] == [2] and rows[0]["reporting_peers"] == 2
 
 
-def test_collector_moves_on_without_a_dead_peer(tmp_path):
+def test_collector_waits_for_slow_peers_but_not_for_dead_ones(tmp_path):
     (tmp_path / "peers").mkdir()
-    lines = [json.dumps(record(0, r)) for r in (1, 2, 3)]
+    lines = [json.dumps(record(0, r)) for r in (1, 2, 3)]  # peer 0 sat out rounds and raced ahead
     (tmp_path / "peers" / "peer_0000.jsonl").write_text("\n".join(lines) + "\n")
-    rows = MetricsCollector(str(tmp_path), num_peers=2).poll()
-    assert [r["round"] for r in rows] == [1]  # round 1 is given up on once peers reached round 3
+    collector = MetricsCollector(str(tmp_path), num_peers=2)
+    assert collector.poll() == []  # peer 1 is merely slower: wait for it
+    assert [r["round"] for r in collector.poll(dead=[1])] == [1, 2, 3]
+    (tmp_path / "peers" / "peer_0001.jsonl").write_text(json.dumps(record(1, 1)) + "\n")
+    assert collector.poll() == []  # a late record of an already reported round is dropped
+
+
+def test_collector_gives_up_on_a_stale_round(tmp_path):
+    (tmp_path / "peers").mkdir()
+    (tmp_path / "peers" / "peer_0000.jsonl").write_text(json.dumps(record(0, 1)) + "\n")
+    collector = MetricsCollector(str(tmp_path), num_peers=2, stale_after=0.0)
+    assert [r["round"] for r in collector.poll()] == [1]
 
 
 def test_should_test_and_status_line():
