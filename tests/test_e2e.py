@@ -124,3 +124,21 @@ def test_peers_stop_when_the_launcher_is_killed(tmp_path, data_dir, no_new_p2pd)
         for pid in family:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_partial_participation_and_churn_agree_without_messages(tmp_path, data_dir, no_new_p2pd):
+    """--up/--ap/--dl: every peer derives the same sets from (seed, round); the metrics show exactly those."""
+    from peer_synchronization import aggregation_participants
+
+    run_dir = tmp_path / "partial"
+    proc = launch(run_dir, data_dir, "--up", "50", "--ap", "50", "--dl", "20", "--sp", "dirichlet", "--al", "0.5",
+                  rounds=6)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == list(range(1, 7))
+    for row in rows:
+        expected = aggregation_participants(seed=3, round_index=row["round"], num_peers=4, update_percent=50,
+                                            aggregate_percent=50, dropout_percent=20)
+        assert row["participating_peers"] == len(expected)
+        assert row["reporting_peers"] == 4  # peers that sit out still report (and evaluate)
