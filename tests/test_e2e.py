@@ -27,6 +27,13 @@ def launch(run_dir, data_dir, *extra, rounds=4):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def wait_for_first_round(run_dir, timeout=300.0):
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+        time.sleep(0.5)
+
+
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -74,11 +81,7 @@ def test_sigterm_stops_everything_cleanly(tmp_path, data_dir, no_new_p2pd):
     shm_before = shm_entries()
     run_dir = tmp_path / "term"
     proc = launch(run_dir, data_dir, rounds=500)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
-        time.sleep(0.5)
-    while time.time() < deadline and (run_dir / "metrics.jsonl").stat().st_size == 0:
-        time.sleep(0.5)
+    wait_for_first_round(run_dir)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143
@@ -107,11 +110,7 @@ def test_peers_stop_when_the_launcher_is_killed(tmp_path, data_dir, no_new_p2pd)
     """SIGKILL leaves the launcher no chance to clean up: its peers notice and stop their p2pd themselves."""
     run_dir = tmp_path / "killed"
     proc = launch(run_dir, data_dir, rounds=500)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
-        time.sleep(0.5)
-    while time.time() < deadline and (run_dir / "metrics.jsonl").stat().st_size == 0:
-        time.sleep(0.5)
+    wait_for_first_round(run_dir)
     family = descendants(proc.pid)  # forkserver, peers and their p2pd, before the launcher is gone
     proc.kill()
     proc.wait()
