@@ -71,6 +71,21 @@ class PeerState:
     stop_after: Optional[int] = None
 
 
+@dataclass
+class PeerRuntime:
+    """What a peer's rounds run with: the task and its data, the averager and the aggregation pipeline."""
+
+    task: Any
+    train: Any
+    test: Any
+    test_idx: Any
+    num_batches: int
+    averager: Any
+    aggregator: Any
+    schedule: Any
+    device: Any
+
+
 def _pin_peer(cfg: RunConfig, index: int) -> str:
     """Pin to a core of this process's allowed set (never one Slurm did not give us); pick GPU i mod n."""
     import torch
@@ -183,7 +198,7 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
     import torch
 
     from config_setup import mini_batches_per_round
-    from ml_tasks import get_task, eval_slice
+    from ml_tasks import eval_slice, get_task
     from moshpit_all_reduce import AveragerOptions, MarSchedule, MoshpitAverager
     from peer_aggregation_logic import make_aggregator
     from peer_synchronization import barrier
@@ -191,25 +206,22 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
     task = get_task(cfg.task)
     train, test = task.load(cfg.data_dir)
     state = _init_peer_state(cfg, task, train, index, torch.device(device))
-    num_batches = mini_batches_per_round(cfg, num_samples=len(train))
-    test_idx = eval_slice(len(test), index, cfg.num_peers)
     averager = MoshpitAverager(network, AveragerOptions(
         prefix=prefix, index=index, compression=cfg.compression,
         matchmaking_timeout=cfg.matchmaking_timeout, allreduce_timeout=cfg.allreduce_timeout))
-    aggregator = make_aggregator(cfg)
-    schedule = MarSchedule(cfg.group_size, cfg.group_key_dim, cfg.mar_steps)
+    rt = PeerRuntime(task=task, train=train, test=test, test_idx=eval_slice(len(test), index, cfg.num_peers),
+                     num_batches=mini_batches_per_round(cfg, num_samples=len(train)), averager=averager,
+                     aggregator=make_aggregator(cfg), device=torch.device(device),
+                     schedule=MarSchedule(cfg.group_size, cfg.group_key_dim, cfg.mar_steps))
     arrived = barrier(network, f"{prefix}.start", me=index, expected=range(cfg.num_peers),
                       timeout=cfg.startup_timeout)
-    logger.info("peer %d: %d/%d peers up, %d batches per round", index, len(arrived), cfg.num_peers, num_batches)
+    logger.info("peer %d: %d/%d peers up, %d batches per round", index, len(arrived), cfg.num_peers, rt.num_batches)
     out_path = os.path.join(run_dir, "peers", f"peer_{index:04d}.jsonl")
     with open(out_path, "a", buffering=1) as out:
         for round_index in range(1, cfg.rounds + 1):
             if _stop_requested(network, prefix, state, round_index):
                 break
-            record = _run_round(cfg, state, round_index=round_index, task=task, train=train, test=test,
-                                test_idx=test_idx, num_batches=num_batches, averager=averager,
-                                aggregator=aggregator, schedule=schedule, device=torch.device(device))
-            out.write(json.dumps(record) + "\n")
+            out.write(json.dumps(_run_round(cfg, state, rt, round_index)) + "\n")
             release_freed_memory()
     barrier(network, f"{prefix}.end", me=index, expected=range(cfg.num_peers), timeout=cfg.allreduce_timeout)
     averager.close()
@@ -229,8 +241,8 @@ def _stop_requested(network, prefix: str, state: PeerState, round_index: int) ->
     return state.stop_after is not None and round_index > state.stop_after
 
 
-def _run_round(cfg: RunConfig, state: PeerState, *, round_index: int, task, train, test, test_idx,
-               num_batches: int, averager, aggregator, schedule, device) -> Dict[str, Any]:
+def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: int) -> Dict[str, Any]:
+    """One round of one peer: train if chosen, aggregate if chosen, evaluate on test rounds."""
     from ml_tasks import evaluate, train_batches
     from peer_aggregation_logic import AggregationContext
     from peer_synchronization import aggregation_participants, update_participants
@@ -240,24 +252,25 @@ def _run_round(cfg: RunConfig, state: PeerState, *, round_index: int, task, trai
     if state.index in update_participants(seed=cfg.seed, round_index=round_index, num_peers=cfg.num_peers,
                                           update_percent=cfg.update_percent):
         record["train_loss"] = train_batches(
-            task, state.model, state.momentum, data=train, order=state.order, num_batches=num_batches,
-            batch_size=cfg.batch_size, lr=cfg.learning_rate, beta=cfg.momentum, device=device)
+            rt.task, state.model, state.momentum, data=rt.train, order=state.order, num_batches=rt.num_batches,
+            batch_size=cfg.batch_size, lr=cfg.learning_rate, beta=cfg.momentum, device=rt.device)
     trained = time.time()
     participants = aggregation_participants(
         seed=cfg.seed, round_index=round_index, num_peers=cfg.num_peers, update_percent=cfg.update_percent,
         aggregate_percent=cfg.aggregate_percent, dropout_percent=cfg.dropout_percent)
     record["participating_peers"] = len(participants)
     if state.index in participants:
-        ctx = AggregationContext(averager=averager, params=task.trainable(state.model), momentum=state.momentum,
-                                 participants=sorted(participants), round_index=round_index, schedule=schedule)
-        result = aggregator.aggregate(ctx)
+        ctx = AggregationContext(averager=rt.averager, params=rt.task.trainable(state.model),
+                                 momentum=state.momentum, participants=sorted(participants),
+                                 round_index=round_index, schedule=rt.schedule)
+        result = rt.aggregator.aggregate(ctx)
         record.update(result.metrics, bytes_sent=result.report.bytes_sent,
                       bytes_received=result.report.bytes_received, group_size=result.report.avg_group_size,
                       failed_peers=sorted({p for s in result.report.steps for p in s.failed_peers}))
     aggregated = time.time()
     last_round = min(cfg.rounds, state.stop_after or cfg.rounds)
     if should_test(cfg, round_index, last_round):
-        record.update(evaluate(task, state.model, data=test, indices=test_idx, device=device))
+        record.update(evaluate(rt.task, state.model, data=rt.test, indices=rt.test_idx, device=rt.device))
     record.update(train_seconds=trained - started, aggregation_seconds=aggregated - trained,
                   round_seconds=time.time() - started, t_end=time.time())
     state.round_index = round_index
