@@ -245,7 +245,7 @@ class MoshpitServicer(ServicerBase):
     """Routes incoming all-reduce / all-gather streams to the group they belong to (keyed by group id)."""
 
     def __init__(self):
-        self.runners: Dict[bytes, asyncio.Future] = {}
+        self.runners: Dict[bytes, CountingRunner] = {}
         self.shared: Dict[bytes, Tuple[List[Any], _Traffic]] = {}
         self.registered = asyncio.Condition()
         self.wait_timeout = 30.0
