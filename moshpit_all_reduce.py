@@ -196,12 +196,20 @@ class CountingRunner(AllReduceRunner):
         shapes = tuple(part.shape for part in self.parts_for_local_averaging)
         self.tensor_part_reducer.finished.set()  # retire hivemind's reducer quietly (its finalizer warns)
         self.tensor_part_reducer = OrderedReducer(shapes, len(self.sender_peer_ids))
-        # groupmates still downloading our shard's average when our own result is complete
+        # groupmates still downloading our shard's average when our own result is complete; a banned
+        # (dead or silent) sender will never come, so it counts as served
         own_parts = self.tensor_part_container.num_parts_by_peer[self.ordered_peer_ids.index(self.peer_id)]
-        self._to_serve = len(self.sender_peer_ids) - 1 if own_parts else 0
+        self._to_serve = {p for p in self.sender_peer_ids if p != self.peer_id} if own_parts else set()
         self.all_served = asyncio.Event()
-        if self._to_serve <= 0:
+        self._check_served()
+
+    def _check_served(self) -> None:
+        if not self._to_serve - self.banned_senders:
             self.all_served.set()
+
+    async def _ban_sender(self, peer_id):
+        await super()._ban_sender(peer_id)
+        self._check_served()
 
     async def _generate_input_for_peer(self, peer_index: int):
         async for msg in super()._generate_input_for_peer(peer_index):
@@ -236,9 +244,8 @@ class CountingRunner(AllReduceRunner):
                 self.traffic.sent += msg.ByteSize()
                 yield msg
         finally:
-            self._to_serve -= 1
-            if self._to_serve <= 0:
-                self.all_served.set()
+            self._to_serve.discard(context.remote_id)
+            self._check_served()
 
 
 class MoshpitServicer(ServicerBase):
