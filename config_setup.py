@@ -64,14 +64,16 @@ class RunConfig:
     target_accuracy: float = 0.0
     convergence_threshold: float = 1e-3
     patience: int = 0
-    # knowledge distillation / differential privacy (accepted, validated; see README for status)
+    # knowledge distillation / differential privacy
     kd: bool = False
     kd_no_blending: bool = False
     kd_dataset_passes: int = 10
     kd_all_candidates: bool = False
+    kd_rounds: Optional[int] = None  # K set directly (default: derived from --ds and the partition size)
     dp: bool = False
     noise_multiplier: float = 1.0
     clip_threshold: float = 0.1
+    dp_delta: Optional[float] = None  # default N^-1.1
     # I/O and deployment
     data_dir: str = "./data"
     run_dir: Optional[str] = None
@@ -164,12 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
           help="passes over the partition while distilling")
     _flag(g, "ac", "kd-all-candidates", dest="kd_all_candidates", action="store_true",
           help="distil from all candidate teachers")
+    g.add_argument("--kd-rounds", type=int, default=None,
+                   help="distil during the first K rounds (default: --ds passes over an average partition)")
     g = p.add_argument_group("differential privacy")
     _flag(g, "dp", "differential-privacy", dest="dp", action="store_true", help="DP-FedAvg with adaptive clipping")
     _flag(g, "nm", "noise-multiplier", dest="noise_multiplier", type=float, default=d.noise_multiplier,
           help="noise multiplier z")
     _flag(g, "ct", "clip-threshold", dest="clip_threshold", type=float, default=d.clip_threshold,
           help="initial clipping threshold C")
+    g.add_argument("--dp-delta", type=float, default=None, help="δ of the reported (ε, δ) (default N^-1.1)")
     g = p.add_argument_group("I/O and deployment")
     g.add_argument("--data-dir", default=d.data_dir, help="dataset root (MNIST/raw, 20newsgroups/)")
     g.add_argument("--run-dir", default=None, help="output folder (default runs/<name>-<time>)")
@@ -234,10 +239,27 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.allreduce_timeout > 0, "--allreduce-timeout must be positive")
     _check(cfg.kd_dataset_passes >= 1, f"--ds must be at least 1, got {cfg.kd_dataset_passes}")
     _check(not (cfg.kd_no_blending or cfg.kd_all_candidates) or cfg.kd, "--nb and --ac need --kd")
-    _check(not cfg.kd, "--kd (knowledge distillation) is not available yet in this version")
-    _check(not cfg.dp, "--dp (differential privacy) is not available yet in this version")
+    _check(cfg.kd_rounds is None or cfg.kd_rounds >= 1, f"--kd-rounds must be at least 1, got {cfg.kd_rounds}")
+    _check(cfg.kd_rounds is None or cfg.kd, "--kd-rounds needs --kd")
+    _validate_dp(cfg)
     _check(cfg.task == "mnist", f"--ml {cfg.task} is not available yet in this version; use mnist")
     return cfg
+
+
+def _validate_dp(cfg: RunConfig) -> None:
+    _check(cfg.clip_threshold > 0, f"--ct must be positive, got {cfg.clip_threshold:g}")
+    _check(cfg.dp_delta is None or 0 < cfg.dp_delta < 1, f"--dp-delta must be in (0, 1), got {cfg.dp_delta}")
+    if not cfg.dp:
+        return
+    # the accountant's sampling rate assumes that whoever trains also aggregates (or that everybody trains)
+    _check(cfg.update_percent in (100, cfg.aggregate_percent),
+           f"--dp needs --up 100 or --up equal to --ap, got --up {cfg.update_percent:g} --ap {cfg.aggregate_percent:g}")
+    from differential_privacy import PrivacyConfigError, dp_params_from_config
+
+    try:
+        dp_params_from_config(cfg)
+    except PrivacyConfigError as e:
+        raise ConfigError(f"--nm: {e}") from None
 
 
 def wandb_default_mode() -> str:
@@ -290,6 +312,18 @@ def mini_batches_per_round(cfg: RunConfig, *, num_samples: int) -> int:
     return math.ceil(per_partition / cfg.iteration_value)
 
 
+def kd_rounds_for(cfg: RunConfig, *, num_samples: int) -> int:
+    """K: ``--kd-rounds``; the whole run with ``--nb``; else the rounds in which an average peer sees its
+    partition ``--ds`` times (the reference's rule, without its per-task overrides)."""
+    if cfg.kd_rounds is not None:
+        return cfg.kd_rounds
+    if cfg.kd_no_blending:
+        return cfg.rounds
+    per_partition = batches_per_partition(num_samples=num_samples, num_peers=cfg.num_peers, batch_size=cfg.batch_size)
+    per_round = mini_batches_per_round(cfg, num_samples=num_samples)
+    return max(1, cfg.kd_dataset_passes * max(1, per_partition // per_round))
+
+
 def run_name(cfg: RunConfig) -> str:
     parts = [f"mar{cfg.num_peers}{cfg.task}", f"b{cfg.iteration_value}", f"a{cfg.aggregate_percent:g}",
              f"d{cfg.dropout_percent:g}", f"g{cfg.group_size}", f"i{cfg.mar_steps}", f"s{cfg.seed}"]
@@ -297,6 +331,10 @@ def run_name(cfg: RunConfig) -> str:
         parts.insert(2, f"u{cfg.update_percent:g}")
     if cfg.split == "dirichlet":
         parts.append(f"niid{cfg.dirichlet_alpha:g}")
+    if cfg.kd:
+        parts.append(f"kd{cfg.kd_dataset_passes}" + ("nb" if cfg.kd_no_blending else "") + ("ac" if cfg.kd_all_candidates else ""))
+    if cfg.dp:
+        parts.append(f"dp{cfg.noise_multiplier:g}c{cfg.clip_threshold:g}")
     return "_".join(parts)
 
 

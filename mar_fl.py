@@ -25,7 +25,11 @@ logger = logging.getLogger("mar_fl")
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 143
 TIMING_KEYS = ("round_seconds", "train_seconds", "aggregation_seconds", "elapsed_seconds")
-_PRELOAD = ["torch", "torchvision", "hivemind", "ml_tasks", "moshpit_all_reduce", "peer_aggregation_logic"]
+_PRELOAD = ["torch", "torchvision", "hivemind", "ml_tasks", "moshpit_all_reduce", "peer_aggregation_logic",
+            "differential_privacy"]
+# per-round keys that only KD / DP runs log: pooled as the mean over aggregating peers, ε as the worst peer's
+MEAN_KEYS = ("kd_lambda", "kd_teachers", "dp_clip_threshold", "dp_update_norm")
+MAX_KEYS = ("dp_epsilon", "dp_epsilon_groupmate")
 
 
 class PeerStopped(SystemExit):
@@ -197,7 +201,7 @@ def _init_peer_state(cfg: RunConfig, task, train, index: int, device) -> PeerSta
 def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, device: str) -> None:
     import torch
 
-    from config_setup import mini_batches_per_round
+    from config_setup import kd_rounds_for, mini_batches_per_round
     from ml_tasks import eval_slice, get_task
     from moshpit_all_reduce import AveragerOptions, MarSchedule, MoshpitAverager
     from peer_aggregation_logic import make_aggregator
@@ -211,7 +215,9 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
         matchmaking_timeout=cfg.matchmaking_timeout, allreduce_timeout=cfg.allreduce_timeout))
     rt = PeerRuntime(task=task, train=train, test=test, test_idx=eval_slice(len(test), index, cfg.num_peers),
                      num_batches=mini_batches_per_round(cfg, num_samples=len(train)), averager=averager,
-                     aggregator=make_aggregator(cfg), device=torch.device(device),
+                     aggregator=make_aggregator(cfg, initial_params=task.trainable(state.model),
+                                                kd_rounds=kd_rounds_for(cfg, num_samples=len(train))),
+                     device=torch.device(device),
                      schedule=MarSchedule(cfg.group_size, cfg.group_key_dim, cfg.mar_steps))
     arrived = barrier(network, f"{prefix}.start", me=index, expected=range(cfg.num_peers),
                       timeout=cfg.startup_timeout)
@@ -241,6 +247,15 @@ def _stop_requested(network, prefix: str, state: PeerState, round_index: int) ->
     return state.stop_after is not None and round_index > state.stop_after
 
 
+def _kd_batches(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: int):
+    """Distinct local batches for the distillation in MAR step ``step`` (drawn only when KD asks)."""
+    from ml_tasks import distillation_batches
+
+    return lambda step: distillation_batches(rt.task, rt.train, state.order.indices, seed=cfg.seed,
+                                             peer=state.index, round_index=round_index, step=step,
+                                             batch_size=cfg.batch_size, device=rt.device)
+
+
 def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: int) -> Dict[str, Any]:
     """One round of one peer: train if chosen, aggregate if chosen, evaluate on test rounds."""
     from ml_tasks import evaluate, train_batches
@@ -260,9 +275,9 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
         aggregate_percent=cfg.aggregate_percent, dropout_percent=cfg.dropout_percent)
     record["participating_peers"] = len(participants)
     if state.index in participants:
-        ctx = AggregationContext(averager=rt.averager, params=rt.task.trainable(state.model),
-                                 momentum=state.momentum, participants=sorted(participants),
-                                 round_index=round_index, schedule=rt.schedule)
+        ctx = AggregationContext(averager=rt.averager, task=rt.task, model=state.model, momentum=state.momentum,
+                                 participants=sorted(participants), round_index=round_index,
+                                 schedule=rt.schedule, local_batches=_kd_batches(cfg, state, rt, round_index))
         result = rt.aggregator.aggregate(ctx)
         record.update(result.metrics, bytes_sent=result.report.bytes_sent,
                       bytes_received=result.report.bytes_received, group_size=result.report.avg_group_size,
@@ -288,6 +303,8 @@ def summarize_round(records: Sequence[Dict[str, Any]], run_start: float) -> Dict
     aggregated = [r for r in records if "bytes_sent" in r]
     tested = [r for r in records if "test_count" in r]
     count = sum(r["test_count"] for r in tested)
+    optional = {key: mean([r[key] for r in aggregated if key in r]) for key in MEAN_KEYS}
+    optional.update({key: max([r[key] for r in aggregated if key in r], default=None) for key in MAX_KEYS})
     return {
         "round": records[0]["round"],
         "train_loss": mean(trained),
@@ -302,6 +319,7 @@ def summarize_round(records: Sequence[Dict[str, Any]], run_start: float) -> Dict
         "train_seconds": mean([r["train_seconds"] for r in records]),
         "aggregation_seconds": mean([r["aggregation_seconds"] for r in records]),
         "elapsed_seconds": max(r["t_end"] for r in records) - run_start,
+        **{key: value for key, value in optional.items() if value is not None},
     }
 
 
@@ -364,7 +382,9 @@ def status_line(row: Dict[str, Any], rounds: int) -> str:
     loss = row["test_loss"] if row["test_loss"] is not None else row["train_loss"]
     loss_txt = "—" if loss is None else f"{loss:.4f}"
     return (f"round {row['round']:>4}/{rounds} | acc {acc} | loss {loss_txt} | {row['round_seconds']:.2f} s | "
-            f"{row['bytes_sent_per_peer'] / 1e6:.2f} MB sent | peers {row['participating_peers']}")
+            f"{row['bytes_sent_per_peer'] / 1e6:.2f} MB sent | peers {row['participating_peers']}"
+            + (f" | KD λ {row['kd_lambda']:.2f}" if "kd_lambda" in row else "")
+            + (f" | ε {row['dp_epsilon']:.2f} (groupmate {row['dp_epsilon_groupmate']:.3g})" if "dp_epsilon" in row else ""))
 
 
 # ==================== launcher ====================
@@ -400,7 +420,7 @@ class Launcher:
     def _spawn_peers(self, initial_peers: List[str]) -> None:
         ctx = mp.get_context("forkserver")
         configure_peer_environment()
-        ctx.set_forkserver_preload(_PRELOAD)  # children share the imported torch/hivemind pages copy-on-write
+        ctx.set_forkserver_preload(_PRELOAD + (["dp_accounting"] if self.cfg.dp else []))  # children share the imported torch/hivemind pages copy-on-write
         for index in self.cfg.local_peers():
             proc = ctx.Process(target=peer_entry, name=f"peer-{index}",
                                args=(self.cfg.to_json(), index, self.run_dir, initial_peers, self.prefix, os.getpid()))
@@ -580,6 +600,10 @@ def _setup_console_logging() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_console_logging()
+    import warnings
+
+    # hivemind scripts a function with torch.jit at import; the deprecation is torch's business, not the user's
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     from ml_tasks import DataError, get_task
 
     try:

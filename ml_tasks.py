@@ -327,3 +327,99 @@ def evaluate(task: Task, model: nn.Module, *, data: ArrayDataset, indices: np.nd
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
     return {"test_correct": correct, "test_loss_sum": loss_sum, "test_count": int(len(indices))}
+
+
+# ==================== knowledge distillation ====================
+
+KD_TEMPERATURE = 3.0  # τ: softens both distributions, as in the reference
+KD_BATCHES = 8  # distinct local batches a peer scores teachers on and distils with, per MAR step
+KD_TOP_FRACTION = 0.4  # keep the best ⌊0.4·candidates⌋ teachers (at least one)
+
+
+@dataclass(frozen=True)
+class KdLoss:
+    """L = kl_weight·τ²·KL(teacher‖student) + ce_weight·CE."""
+
+    kl_weight: float
+    ce_weight: float
+
+
+def kd_loss_weights(round_index: int, *, kd_rounds: int, no_blending: bool, private: bool) -> KdLoss:
+    """λ = max(0, 1 − (t − 1)/K) blends KL into CE; ``--nb``: KL + CE unweighted; with DP: KL only.
+
+    Under DP the labels are private and only the noisy update is accounted for, so the CE term is dropped.
+    """
+    if private:
+        return KdLoss(1.0, 0.0)
+    if no_blending:
+        return KdLoss(1.0, 1.0)
+    lam = max(0.0, 1.0 - (round_index - 1) / kd_rounds)
+    return KdLoss(lam, 1.0 - lam)
+
+
+def num_teachers(candidates: int, *, use_all: bool) -> int:
+    if candidates <= 0:
+        return 0
+    return candidates if use_all else max(1, int(KD_TOP_FRACTION * candidates))
+
+
+def select_teachers(scores: Dict[int, float], count: int) -> List[int]:
+    """The ``count`` candidates with the lowest KL to the student (ties broken by peer index)."""
+    return [peer for _, peer in sorted((score, peer) for peer, score in scores.items())[:count]]
+
+
+def distillation_batches(task: Task, data: ArrayDataset, pool: np.ndarray, *, seed: int, peer: int,
+                         round_index: int, step: int, batch_size: int, device: torch.device) -> List[Tuple]:
+    """``KD_BATCHES`` distinct local batches (disjoint indices), seeded by (seed, peer, round, step)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, peer, round_index, step, 0x4B44]))
+    count = min(len(pool), KD_BATCHES * batch_size)
+    chosen = pool[rng.choice(len(pool), size=count, replace=False)]
+    return [task.make_batch(data, np.sort(chosen[i : i + batch_size]), device) for i in range(0, count, batch_size)]
+
+
+def kl_to_student(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher‖student) on τ-softened outputs, mean over the batch."""
+    return F.kl_div(F.log_softmax(student_logits / KD_TEMPERATURE, dim=1),
+                    F.softmax(teacher_logits / KD_TEMPERATURE, dim=1), reduction="batchmean")
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batches: Sequence[Tuple]) -> List[torch.Tensor]:
+    model.eval()
+    return [model(x) for x, _ in batches]
+
+
+@torch.no_grad()
+def score_teachers(task: Task, student: nn.Module, scratch: nn.Module, teachers: Dict[int, Sequence[torch.Tensor]],
+                   batches: Sequence[Tuple]) -> Tuple[Dict[int, float], Dict[int, List[torch.Tensor]]]:
+    """Each teacher's summed KL to the student over ``batches``, and its logits (reused for distillation).
+
+    Teachers arrive as the task's trainable tensors only; ``scratch`` is a model of the same task whose
+    trainable tensors are overwritten in turn (frozen parts, e.g. an encoder, are shared by construction).
+    """
+    student_logits = _logits(student, batches)
+    scores, logits = {}, {}
+    for peer, tensors in sorted(teachers.items()):
+        for target, source in zip(task.trainable(scratch), tensors):
+            target.data.copy_(source.view_as(target))
+        logits[peer] = _logits(scratch, batches)
+        scores[peer] = float(sum(kl_to_student(s, t) for s, t in zip(student_logits, logits[peer])))
+    return scores, logits
+
+
+def distill(task: Task, model: nn.Module, momentum: Sequence[torch.Tensor], *, batches: Sequence[Tuple],
+            teacher_logits: Sequence[torch.Tensor], weights: KdLoss, lr: float, beta: float) -> float:
+    """One pass over ``batches`` towards the averaged teacher logits, with the local momentum-SGD rule."""
+    model.train()
+    params = task.trainable(model)
+    total = 0.0
+    for (x, y), target in zip(batches, teacher_logits):
+        logits = model(x)
+        loss = weights.kl_weight * KD_TEMPERATURE ** 2 * kl_to_student(logits, target)
+        if weights.ce_weight:
+            loss = loss + weights.ce_weight * F.cross_entropy(logits, y)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        momentum_sgd_step(params, momentum, lr=lr, beta=beta)
+        total += float(loss.detach())
+    return total / max(1, len(batches))

@@ -28,7 +28,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -558,17 +558,19 @@ class MarSchedule:
     num_steps: int
 
 
-def moshpit_all_reduce(
+def moshpit_steps(
     averager: MoshpitAverager,
-    tensors: Sequence[torch.Tensor],
     *,
     participants: Sequence[int],
     round_index: int,
     schedule: MarSchedule,
-    weight: float = 1.0,
-    tag: str = "avg",
+    tag: str,
+    run_step: Callable[[str, FrozenSet[int]], StepReport],
 ) -> MarReport:
-    """Run ``schedule.num_steps`` MAR steps among this round's ``participants`` (peer indices)."""
+    """Walk this peer through the round's MAR groups; ``run_step(key, expected)`` does the in-group exchange.
+
+    Averaging and the all-gather of knowledge distillation share this walk, so both meet the same groups.
+    """
     ordered = sorted(participants)
     me = averager.options.index
     if me not in ordered:
@@ -581,7 +583,24 @@ def moshpit_all_reduce(
     for step in range(schedule.num_steps):
         expected = frozenset(ordered[p] for p in plan[step].get(bucket, [])) | {me}
         key = averager.group_key(round_index=round_index, step=step, bucket=bucket, tag=tag)
-        result = averager.average(tensors, key=key, expected=expected, weight=weight)
+        result = run_step(key, expected)
         report.steps.append(result)
         bucket = next_bucket(bucket, result.rank, gs, n_groups)
     return report
+
+
+def moshpit_all_reduce(
+    averager: MoshpitAverager,
+    tensors: Sequence[torch.Tensor],
+    *,
+    participants: Sequence[int],
+    round_index: int,
+    schedule: MarSchedule,
+    weight: float = 1.0,
+    tag: str = "avg",
+) -> MarReport:
+    """Run ``schedule.num_steps`` MAR steps among this round's ``participants`` (peer indices)."""
+    return moshpit_steps(
+        averager, participants=participants, round_index=round_index, schedule=schedule, tag=tag,
+        run_step=lambda key, expected: averager.average(tensors, key=key, expected=expected, weight=weight),
+    )

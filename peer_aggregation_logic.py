@@ -1,28 +1,44 @@
 """One round's aggregation pipeline, as small pluggable objects.
 
 An aggregator takes the peer's model and momentum plus the round's participants and leaves them aggregated in
-place. Plain MAR averaging is the base; differential privacy wraps an aggregator, knowledge distillation is
-another aggregator (both land with their own issue) — never an integer "use case".
+place. :class:`MarAveraging` is the base; :class:`KnowledgeDistillation` wraps an aggregator and distils from
+group-mates before handing over to it; :class:`DifferentialPrivacy` wraps an aggregator and makes sure that
+the model leaves the peer only as a clipped, noised update. ``make_aggregator`` stacks them from the flags —
+never an integer "use case".
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Protocol, Sequence
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
+import numpy as np
 import torch
 
-from moshpit_all_reduce import MarReport, MarSchedule, MoshpitAverager, moshpit_all_reduce
+from moshpit_all_reduce import MarReport, MarSchedule, MoshpitAverager, moshpit_all_reduce, moshpit_steps
 
 
 @dataclass
 class AggregationContext:
     averager: MoshpitAverager
-    params: Sequence[torch.Tensor]  # the task's trainable tensors
+    task: Any  # ml_tasks.Task: declares the trainable tensors
+    model: torch.nn.Module
     momentum: Sequence[torch.Tensor]
     participants: Sequence[int]
     round_index: int
     schedule: MarSchedule
     weight: float = 1.0
+    extra: Sequence[torch.Tensor] = ()  # averaged alongside the model (DP: smoothed deltas, indicator)
+    local_batches: Optional[Callable[[int], List[Tuple]]] = None  # MAR step → distinct local batches (KD)
+
+    @property
+    def params(self) -> List[torch.nn.Parameter]:
+        return self.task.trainable(self.model)
+
+    @property
+    def peer(self) -> int:
+        return self.averager.options.index
 
 
 @dataclass
@@ -36,21 +52,143 @@ class Aggregator(Protocol):
 
 
 class MarAveraging:
-    """Plain Moshpit All-Reduce of the trainable parameters and their momentum buffers in one exchange."""
+    """Plain Moshpit All-Reduce of the trainable parameters, their momentum and any extras in one exchange."""
 
     def aggregate(self, ctx: AggregationContext) -> AggregationResult:
-        tensors: List[torch.Tensor] = [p.data for p in ctx.params] + [m for m in ctx.momentum]
-        report = moshpit_all_reduce(
-            ctx.averager,
-            tensors,
-            participants=ctx.participants,
-            round_index=ctx.round_index,
-            schedule=ctx.schedule,
-            weight=ctx.weight,
-        )
+        tensors: List[torch.Tensor] = [p.data for p in ctx.params] + list(ctx.momentum) + list(ctx.extra)
+        report = moshpit_all_reduce(ctx.averager, tensors, participants=ctx.participants,
+                                    round_index=ctx.round_index, schedule=ctx.schedule, weight=ctx.weight)
         return AggregationResult(report=report)
 
 
-def make_aggregator(cfg: Any) -> Aggregator:
-    """The aggregation pipeline for a run configuration."""
-    return MarAveraging()
+# ==================== knowledge distillation ====================
+
+
+@dataclass(frozen=True)
+class KdSettings:
+    rounds: int  # K: rounds 1..K distil
+    no_blending: bool
+    use_all: bool
+    private: bool  # DP on: KL term only
+    lr: float
+    beta: float
+
+
+class KnowledgeDistillation:
+    """During the first K rounds: in each MAR step fetch the group-mates' models (all-gather), keep the
+    lowest-KL teachers and distil from them; then the inner aggregator averages over the same groups.
+    """
+
+    def __init__(self, inner: Aggregator, settings: KdSettings):
+        self.inner, self.settings = inner, settings
+        self._scratch: Optional[torch.nn.Module] = None
+
+    def aggregate(self, ctx: AggregationContext) -> AggregationResult:
+        from ml_tasks import kd_loss_weights
+
+        if ctx.round_index > self.settings.rounds or ctx.local_batches is None:
+            result = self.inner.aggregate(ctx)
+            result.metrics.update(kd_lambda=0.0, kd_teachers=0.0)
+            return result
+        weights = kd_loss_weights(ctx.round_index, kd_rounds=self.settings.rounds,
+                                  no_blending=self.settings.no_blending, private=self.settings.private)
+        teachers: List[int] = []
+
+        def run_step(key, expected):
+            report, gathered = ctx.averager.all_gather([p.data for p in ctx.params], key=key, expected=expected)
+            if gathered:
+                teachers.append(self._distil(ctx, len(teachers), gathered, weights))
+            return report
+
+        kd_report = moshpit_steps(ctx.averager, participants=ctx.participants, round_index=ctx.round_index,
+                                  schedule=ctx.schedule, tag="kd", run_step=run_step)
+        result = self.inner.aggregate(ctx)
+        result.report.steps[:0] = kd_report.steps  # traffic of both passes counts
+        result.metrics.update(kd_lambda=weights.kl_weight, kd_teachers=float(np.mean(teachers)) if teachers else 0.0)
+        return result
+
+    def _distil(self, ctx: AggregationContext, step: int, gathered: Dict[int, List[torch.Tensor]], weights) -> int:
+        from ml_tasks import distill, num_teachers, score_teachers, select_teachers
+
+        device = ctx.params[0].device
+        if self._scratch is None:
+            self._scratch = ctx.task.make_model().to(device)
+        batches = ctx.local_batches(step)
+        candidates = {peer: [t.to(device) for t in tensors] for peer, tensors in gathered.items()}
+        scores, logits = score_teachers(ctx.task, ctx.model, self._scratch, candidates, batches)
+        chosen = select_teachers(scores, num_teachers(len(scores), use_all=self.settings.use_all))
+        targets = [torch.stack([logits[p][i] for p in chosen]).mean(0) for i in range(len(batches))]
+        distill(ctx.task, ctx.model, ctx.momentum, batches=batches, teacher_logits=targets, weights=weights,
+                lr=self.settings.lr, beta=self.settings.beta)
+        return len(chosen)
+
+
+# ==================== differential privacy ====================
+
+
+@dataclass
+class DpState:
+    """A peer's DP state across rounds (checkpointed with the peer)."""
+
+    clip: float
+    last_global: List[torch.Tensor]
+    smoothed: Optional[List[torch.Tensor]] = None
+    rounds_shared: int = 0
+
+
+class DifferentialPrivacy:
+    """DP-FedAvg with adaptive clipping around an inner aggregator, per peer, with no server.
+
+    The model leaves the peer only as ``last_global + η_s·smoothed`` where ``smoothed`` accumulates clipped,
+    noised updates; the inner aggregator averages that model, the momentum, the smoothed deltas and the noisy
+    clip indicator; the averaged indicator then moves the clip threshold, the same on every peer.
+    """
+
+    def __init__(self, inner: Aggregator, params, initial: Sequence[torch.Tensor]):
+        self.inner, self.params = inner, params
+        self.state = DpState(clip=params.initial_clip, last_global=[t.detach().clone() for t in initial])
+        self.central, self.groupmate = params.central_accountant(), params.groupmate_accountant()
+
+    def _generator(self, ctx: AggregationContext, device: torch.device) -> torch.Generator:
+        seed = np.random.SeedSequence([self.params.seed, ctx.peer, ctx.round_index, 0xD9]).generate_state(1)[0]
+        return torch.Generator(device=device).manual_seed(int(seed))
+
+    def aggregate(self, ctx: AggregationContext) -> AggregationResult:
+        from differential_privacy import (DELTA_SMOOTHING, SERVER_LR, add_gaussian_noise, clip_by_global_norm,
+                                          update_clip_threshold)
+
+        params, state, m = ctx.params, self.state, len(ctx.participants)
+        gen = self._generator(ctx, params[0].device)
+        delta = [p.detach() - g for p, g in zip(params, state.last_global)]
+        clipped, norm, indicator = clip_by_global_norm(delta, state.clip)
+        noisy = add_gaussian_noise(clipped, std=self.params.z_delta * state.clip / math.sqrt(m), generator=gen)
+        smoothed = noisy if state.smoothed is None else [DELTA_SMOOTHING * s + n for s, n in zip(state.smoothed, noisy)]
+        with torch.no_grad():
+            for p, g, s in zip(params, state.last_global, smoothed):
+                p.copy_(g + SERVER_LR * s)
+        noisy_b = indicator + float(torch.randn(1, generator=gen, device=gen.device)) * self.params.sigma_b / math.sqrt(m)
+        b_tensor = torch.tensor([noisy_b], dtype=torch.float32, device=params[0].device)
+        result = self.inner.aggregate(dataclasses.replace(ctx, extra=list(ctx.extra) + smoothed + [b_tensor]))
+        clip_used = state.clip
+        state.smoothed, state.clip = smoothed, update_clip_threshold(state.clip, float(b_tensor))
+        state.last_global = [p.detach().clone() for p in params]
+        state.rounds_shared += 1
+        result.metrics.update(
+            dp_epsilon=self.central.epsilon(ctx.round_index),  # Poisson sampling composes every round
+            dp_epsilon_groupmate=self.groupmate.epsilon(state.rounds_shared),
+            dp_clip_threshold=clip_used, dp_update_norm=norm)
+        return result
+
+
+def make_aggregator(cfg: Any, *, initial_params: Sequence[torch.Tensor], kd_rounds: int) -> Aggregator:
+    """The aggregation pipeline for a run configuration: averaging, wrapped by KD and then DP as asked."""
+    aggregator: Aggregator = MarAveraging()
+    if cfg.kd:
+        aggregator = KnowledgeDistillation(aggregator, KdSettings(
+            rounds=kd_rounds, no_blending=cfg.kd_no_blending, use_all=cfg.kd_all_candidates, private=cfg.dp,
+            lr=cfg.learning_rate, beta=cfg.momentum))
+    if cfg.dp:
+        from differential_privacy import dp_params_from_config
+
+        aggregator = DifferentialPrivacy(aggregator, dp_params_from_config(cfg), initial_params)
+    return aggregator

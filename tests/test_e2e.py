@@ -141,3 +141,29 @@ def test_partial_participation_and_churn_agree_without_messages(tmp_path, data_d
                                             aggregate_percent=50, dropout_percent=20)
         assert row["participating_peers"] == len(expected)
         assert row["reporting_peers"] == 4  # peers that sit out still report (and evaluate)
+
+
+@pytest.mark.parametrize("extra, keys", [
+    (("--kd", "--kd-rounds", "2"), {"kd_lambda", "kd_teachers"}),
+    (("--dp", "--nm", "0.3", "--ct", "0.5"), {"dp_epsilon", "dp_epsilon_groupmate", "dp_clip_threshold",
+                                             "dp_update_norm"}),
+], ids=["kd", "dp"])
+def test_kd_and_dp_runs_complete_and_log_their_keys(tmp_path, data_dir, no_new_p2pd, extra, keys):
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir, data_dir, *extra, rounds=3)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(keys <= set(r) for r in rows)
+    if "--kd" in extra:
+        assert [r["kd_lambda"] for r in rows] == [1.0, 0.5, 0.0]  # K = 2
+        assert rows[0]["kd_teachers"] == 1.0  # groups of 2: one candidate
+        # the KD rounds add one all-gather pass of the model to the averaging pass
+        assert rows[0]["bytes_sent_per_peer"] > 1.3 * rows[2]["bytes_sent_per_peer"]
+    else:
+        eps = [r["dp_epsilon"] for r in rows]
+        assert eps == sorted(eps) and eps[0] > 0
+        assert all(r["dp_epsilon_groupmate"] > r["dp_epsilon"] for r in rows)
+        assert rows[0]["dp_clip_threshold"] == 0.5 and rows[1]["dp_clip_threshold"] != 0.5
+    assert rows[-1]["test_accuracy"] is not None
