@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -86,6 +87,10 @@ class RunConfig:
     announce_host: Optional[str] = None
     nat_port_map: bool = False
     startup_timeout: float = 600.0
+    # checkpoints and cluster housekeeping
+    ckpt_every: int = 10  # rounds between checkpoints (0: only when the run stops)
+    resume: bool = False  # this launch continues RUN_DIR from its last common checkpoint
+    shm_warn_percent: float = 80.0
 
     def to_json(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -190,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nat-port-map", action="store_true", help="let p2pd probe the router (WAN runs only)")
     g.add_argument("--startup-timeout", type=float, default=d.startup_timeout,
                    help="seconds to wait for all peers to come up")
+    g = p.add_argument_group("checkpoints and clusters")
+    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every,
+                   help="checkpoint every peer's whole state every N rounds (0: only when the run stops)")
+    g.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue RUN_DIR from the last round every peer checkpointed (its config.json applies)")
+    g.add_argument("--shm-warn", dest="shm_warn_percent", type=float, default=d.shm_warn_percent,
+                   help="warn when /dev/shm is this percent full")
     return p
 
 
@@ -239,6 +251,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.allreduce_timeout > 0, "--allreduce-timeout must be positive")
     _check(cfg.kd_dataset_passes >= 1, f"--ds must be at least 1, got {cfg.kd_dataset_passes}")
     _check(not (cfg.kd_no_blending or cfg.kd_all_candidates) or cfg.kd, "--nb and --ac need --kd")
+    _check(cfg.ckpt_every >= 0, f"--ckpt-every must be >= 0, got {cfg.ckpt_every}")
+    _check(0 < cfg.shm_warn_percent <= 100, f"--shm-warn must be in (0, 100], got {cfg.shm_warn_percent:g}")
     _check(cfg.kd_rounds is None or cfg.kd_rounds >= 1, f"--kd-rounds must be at least 1, got {cfg.kd_rounds}")
     _check(cfg.kd_rounds is None or cfg.kd, "--kd-rounds needs --kd")
     _validate_dp(cfg)
@@ -274,26 +288,130 @@ def wandb_default_mode() -> str:
         return "offline"
 
 
-def parse_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
+def parse_config(argv: Optional[Sequence[str]] = None, *, env: Optional[Dict[str, str]] = None) -> RunConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.resume:
+        return _resume_config(parser, args, env)
     mode = ITERATION_MODES.get(str(args.iteration_mode))
     if mode is None:
         raise ConfigError(f"--im must be 0/batches or 1/passes, got {args.iteration_mode!r}")
     values = vars(args)
+    del values["resume"]
     values.update(
         iteration_mode=mode,
         peer_range=_parse_peer_range(args.peer_range, args.num_peers),
         wandb_mode=args.wandb_mode or wandb_default_mode(),
     )
-    return validate(RunConfig(**values))
+    return with_allocation(validate(RunConfig(**values)), read_allocation(env))
+
+
+# flags a resumed run may change: where and how long it runs, not what it computes
+RESUMABLE = {"rounds", "max_runtime_hours", "wandb_mode", "wandb_project", "wandb_entity", "initial_peers",
+             "peer_range", "host", "announce_host", "nat_port_map", "startup_timeout", "ckpt_every",
+             "shm_warn_percent", "data_dir", "matchmaking_timeout", "allreduce_timeout", "peers_per_core"}
+
+
+def _resume_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   env: Optional[Dict[str, str]]) -> RunConfig:
+    path = os.path.join(args.resume, "config.json")
+    try:
+        with open(path) as f:
+            saved = config_from_json(json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"--resume {args.resume}: cannot read {path} ({e})") from None
+    changes: Dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if key == "resume" or value == parser.get_default(key) or value is None:
+            continue
+        if key not in RESUMABLE:
+            raise ConfigError(f"--resume: {key} is fixed by {path} and cannot change when resuming")
+        changes[key] = value
+    if "peer_range" in changes:
+        changes["peer_range"] = _parse_peer_range(changes["peer_range"], saved.num_peers)
+    cfg = dataclasses.replace(saved, **changes, run_dir=args.resume, resume=True,
+                              peer_range=changes.get("peer_range"), initial_peers=changes.get("initial_peers"))
+    return with_allocation(validate(cfg), read_allocation(env))
 
 
 def config_from_json(data: Dict[str, Any]) -> RunConfig:
-    values = dict(data)
+    values = {key: value for key, value in data.items() if key in _FIELDS}
     if values.get("peer_range") is not None:
         values["peer_range"] = tuple(values["peer_range"])
     return RunConfig(**values)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+# ==================== cluster allocation ====================
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What the scheduler gave this launcher (read from SLURM_* / CUDA_VISIBLE_DEVICES / the affinity mask)."""
+
+    cores: Tuple[int, ...]  # cores this process may run on
+    pin: bool  # False when the mask is wider than the CPUs Slurm granted (no binding): then we must not pin
+    gpus: Optional[Tuple[str, ...]]  # CUDA_VISIBLE_DEVICES entries, None when unset
+    launcher_index: int  # this launcher among the job step's launchers (one per node)
+    num_launchers: int
+    job_id: Optional[str] = None
+    array_task: Optional[str] = None
+    restart_count: int = 0
+
+    @property
+    def attempt(self) -> Optional[str]:
+        """Identifies one start of one job (a requeued job starts again with a higher restart count)."""
+        return None if self.job_id is None else f"{self.job_id}.{self.restart_count}"
+
+
+def read_allocation(env: Optional[Dict[str, str]] = None, affinity: Optional[Sequence[int]] = None) -> Allocation:
+    env = dict(os.environ if env is None else env)
+    mask = tuple(sorted(affinity if affinity is not None else os.sched_getaffinity(0)))
+    granted = env.get("SLURM_CPUS_ON_NODE")
+    pin = granted is None or not granted.isdigit() or len(mask) <= int(granted)
+    cuda = env.get("CUDA_VISIBLE_DEVICES")
+    gpus = tuple(g for g in cuda.split(",") if g) if cuda is not None else None
+    # inside `srun` every task is one launcher; the batch script itself is a single launcher
+    in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
+    tasks = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1"))) if in_step else 1
+    index = int(env.get("SLURM_PROCID", "0")) if in_step else 0
+    return Allocation(cores=mask, pin=pin, gpus=gpus, launcher_index=index, num_launchers=max(1, tasks),
+                      job_id=env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID"),
+                      array_task=env.get("SLURM_ARRAY_TASK_ID"),
+                      restart_count=int(env.get("SLURM_RESTART_COUNT", "0") or 0))
+
+
+def split_peer_range(num_peers: int, parts: int, index: int) -> Tuple[int, int]:
+    """Contiguous, balanced [start, stop) share of the peer indices for launcher ``index`` of ``parts``."""
+    if not 0 <= index < parts:
+        raise ConfigError(f"launcher index {index} is outside 0-{parts - 1}")
+    if parts > num_peers:
+        raise ConfigError(f"{parts} launchers (Slurm tasks) for --np {num_peers}: give every launcher a peer")
+    return index * num_peers // parts, (index + 1) * num_peers // parts
+
+
+def default_run_dir(cfg: RunConfig, allocation: Allocation, now: Optional[str] = None) -> str:
+    """Under Slurm the job id names the run dir, so every node of the job (and a requeued job) agrees on it."""
+    if allocation.job_id:
+        suffix = f"job{allocation.job_id}" + (f"_{allocation.array_task}" if allocation.array_task else "")
+    else:
+        suffix = now or time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{run_name(cfg)}-{suffix}")
+
+
+def with_allocation(cfg: RunConfig, allocation: Allocation) -> RunConfig:
+    """Fill what a multi-launcher job leaves implicit: this launcher's peers, the run dir, the bootstrap file."""
+    changes: Dict[str, Any] = {}
+    if allocation.num_launchers > 1 and cfg.peer_range is None:
+        changes["peer_range"] = split_peer_range(cfg.num_peers, allocation.num_launchers, allocation.launcher_index)
+    run_dir = cfg.run_dir or default_run_dir(cfg, allocation)
+    changes["run_dir"] = run_dir
+    start = (changes.get("peer_range") or cfg.peer_range or (0, cfg.num_peers))[0]
+    if start > 0 and not cfg.initial_peers:
+        changes["initial_peers"] = os.path.join(run_dir, "bootstrap.json")
+    return dataclasses.replace(cfg, **changes)
 
 
 # ==================== derived values ====================

@@ -7,6 +7,7 @@ the launcher only spawns, supervises and collects the metrics that peers append 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,6 +25,8 @@ from config_setup import ConfigError, RunConfig, config_from_json, parse_config,
 logger = logging.getLogger("mar_fl")
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 143
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: cut short by a time limit with every peer checkpointed; resume with --resume
+CHECKPOINTS_KEPT = 3
 TIMING_KEYS = ("round_seconds", "train_seconds", "aggregation_seconds", "elapsed_seconds")
 _PRELOAD = ["torch", "torchvision", "hivemind", "ml_tasks", "moshpit_all_reduce", "peer_aggregation_logic",
             "differential_privacy"]
@@ -73,6 +76,7 @@ class PeerState:
     order: Any
     round_index: int = 0
     stop_after: Optional[int] = None
+    preempted: bool = False  # the stop is a cut (time limit, Slurm's warning signal): the run will resume
 
 
 @dataclass
@@ -149,7 +153,7 @@ def _watch_launcher(launcher_pid: int) -> None:
 
 
 def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers: List[str], prefix: str,
-               launcher_pid: int) -> None:
+               launcher_pid: int, resume_round: int = 0) -> None:
     """Process entry point of one peer."""
     os.setpgrp()  # its own process group: the launcher can reap the peer's p2pd even after a SIGKILL
 
@@ -169,7 +173,8 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
         options = NetworkOptions(initial_peers=initial_peers, host=cfg.host, announce_host=cfg.announce_host,
                                  nat_port_map=cfg.nat_port_map)
         network = PeerNetwork(options).start()
-        run_peer(cfg, index=index, run_dir=run_dir, network=network, prefix=prefix, device=device)
+        run_peer(cfg, index=index, run_dir=run_dir, network=network, prefix=prefix, device=device,
+                 resume_round=resume_round)
     except PeerStopped:
         logger.info("peer %d stopped by signal", index)
         raise
@@ -198,7 +203,8 @@ def _init_peer_state(cfg: RunConfig, task, train, index: int, device) -> PeerSta
     return PeerState(index=index, model=model, momentum=momentum, order=order)
 
 
-def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, device: str) -> None:
+def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, device: str,
+             resume_round: int = 0) -> None:
     import torch
 
     from config_setup import kd_rounds_for, mini_batches_per_round
@@ -219,16 +225,24 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
                                                 kd_rounds=kd_rounds_for(cfg, num_samples=len(train))),
                      device=torch.device(device),
                      schedule=MarSchedule(cfg.group_size, cfg.group_key_dim, cfg.mar_steps))
+    if resume_round:
+        load_checkpoint(checkpoint_path(run_dir, index, resume_round), state, rt.aggregator, device=device)
     arrived = barrier(network, f"{prefix}.start", me=index, expected=range(cfg.num_peers),
                       timeout=cfg.startup_timeout)
-    logger.info("peer %d: %d/%d peers up, %d batches per round", index, len(arrived), cfg.num_peers, rt.num_batches)
+    logger.info("peer %d: %d/%d peers up, %d batches per round, from round %d", index, len(arrived),
+                cfg.num_peers, rt.num_batches, state.round_index + 1)
     out_path = os.path.join(run_dir, "peers", f"peer_{index:04d}.jsonl")
+    saved = state.round_index
     with open(out_path, "a", buffering=1) as out:
-        for round_index in range(1, cfg.rounds + 1):
+        for round_index in range(state.round_index + 1, cfg.rounds + 1):
             if _stop_requested(network, prefix, state, round_index):
                 break
             out.write(json.dumps(_run_round(cfg, state, rt, round_index)) + "\n")
+            if cfg.ckpt_every and round_index % cfg.ckpt_every == 0:
+                saved = save_checkpoint(run_dir, state, rt.aggregator)
             release_freed_memory()
+    if state.round_index != saved:  # the last round always is on disk: a cut run resumes, a finished one extends
+        save_checkpoint(run_dir, state, rt.aggregator)
     barrier(network, f"{prefix}.end", me=index, expected=range(cfg.num_peers), timeout=cfg.allreduce_timeout)
     averager.close()
 
@@ -242,8 +256,11 @@ def _stop_requested(network, prefix: str, state: PeerState, round_index: int) ->
     except Exception as e:  # noqa: BLE001 - a missed read only delays the stop by a round
         logger.warning("control read failed: %r", e)
         return False
-    if "stop_after" in record:
-        state.stop_after = int(record["stop_after"])
+    # every launcher that decides a stop writes its own subkey; the earliest round wins, so all peers agree
+    stops = [int(v) for k, v in record.items() if str(k).startswith("stop_after")]
+    if stops:
+        state.stop_after = min(stops)
+        state.preempted = bool(record.get("preempt")) or state.preempted
     return state.stop_after is not None and round_index > state.stop_after
 
 
@@ -283,13 +300,88 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
                       bytes_received=result.report.bytes_received, group_size=result.report.avg_group_size,
                       failed_peers=sorted({p for s in result.report.steps for p in s.failed_peers}))
     aggregated = time.time()
-    last_round = min(cfg.rounds, state.stop_after or cfg.rounds)
+    # a run stopped for good is evaluated at its last round; a cut one is not (it resumes as if never cut)
+    last_round = cfg.rounds if state.preempted else min(cfg.rounds, state.stop_after or cfg.rounds)
     if should_test(cfg, round_index, last_round):
         record.update(evaluate(rt.task, state.model, data=rt.test, indices=rt.test_idx, device=rt.device))
     record.update(train_seconds=trained - started, aggregation_seconds=aggregated - trained,
                   round_seconds=time.time() - started, t_end=time.time())
     state.round_index = round_index
     return record
+
+
+# ==================== checkpoints ====================
+
+
+def checkpoint_path(run_dir: str, index: int, round_index: int) -> str:
+    return os.path.join(run_dir, "checkpoints", f"peer_{index:04d}", f"round_{round_index:06d}.pt")
+
+
+def checkpoint_rounds(run_dir: str, index: int) -> List[int]:
+    folder = os.path.dirname(checkpoint_path(run_dir, index, 0))
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    return sorted(int(n[6:12]) for n in names if n.startswith("round_") and n.endswith(".pt"))
+
+
+def common_checkpoint_round(run_dir: str, num_peers: int) -> int:
+    """The last round that every peer checkpointed (0: none), i.e. where a resumed run continues."""
+    common = None
+    for index in range(num_peers):
+        rounds = set(checkpoint_rounds(run_dir, index))
+        common = rounds if common is None else common & rounds
+    return max(common or {0})
+
+
+def save_checkpoint(run_dir: str, state: PeerState, aggregator) -> int:
+    """Everything the next round depends on, written atomically (tmp, fsync, rename); keeps the last few."""
+    import random
+
+    import numpy as np
+    import torch
+
+    path = checkpoint_path(run_dir, state.index, state.round_index)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    payload = {
+        "round": state.round_index, "model": state.model.state_dict(), "momentum": list(state.momentum),
+        "order": {"epoch": state.order.epoch, "cursor": state.order.cursor},
+        "aggregator": aggregator.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None},
+    }
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in checkpoint_rounds(run_dir, state.index)[:-CHECKPOINTS_KEPT]:
+        os.unlink(checkpoint_path(run_dir, state.index, old))
+    return state.round_index
+
+
+def load_checkpoint(path: str, state: PeerState, aggregator, *, device: str) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    payload = torch.load(path, map_location=device, weights_only=False)  # our own file, written above
+    state.model.load_state_dict(payload["model"])
+    for target, source in zip(state.momentum, payload["momentum"]):
+        target.copy_(source)
+    state.order.epoch, state.order.cursor, state.order._perm = payload["order"]["epoch"], payload["order"]["cursor"], None
+    aggregator.load_state_dict(payload["aggregator"])
+    rng = payload["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    state.round_index = payload["round"]
+    logger.info("peer %d resumed from %s", state.index, path)
 
 
 # ==================== metrics (launcher side) ====================
@@ -341,6 +433,8 @@ class MetricsCollector:
     next_round: int = 1
     newest_round: int = 0
     run_start: Optional[float] = None
+    first_round: int = 1
+    elapsed_offset: float = 0.0  # a resumed run's clock continues from its checkpointed round
 
     def _read_new(self) -> None:
         folder = os.path.join(self.run_dir, "peers")
@@ -360,8 +454,9 @@ class MetricsCollector:
         self.pending.setdefault(rec["round"], []).append(rec)
         self.first_seen.setdefault(rec["round"], time.time())
         self.newest_round = max(self.newest_round, rec["round"])
-        if rec["round"] == 1:
-            self.run_start = min(self.run_start or rec["t_start"], rec["t_start"])
+        if rec["round"] == self.first_round:
+            start = rec["t_start"] - self.elapsed_offset
+            self.run_start = min(self.run_start or start, start)
 
     def poll(self, *, dead: Sequence[int] = (), final: bool = False) -> List[Dict[str, Any]]:
         self._read_new()
@@ -393,8 +488,14 @@ def status_line(row: Dict[str, Any], rounds: int) -> str:
 class Launcher:
     """Spawns and supervises this host's peers; on the primary host also collects metrics and decides stops."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str, *, primary: bool):
-        self.cfg, self.run_dir, self.primary = cfg, run_dir, primary
+    def __init__(self, cfg: RunConfig, run_dir: str, *, primary: bool, resume_round: int = 0):
+        from config_setup import read_allocation
+
+        self.cfg, self.run_dir, self.primary, self.resume_round = cfg, run_dir, primary, resume_round
+        self.allocation = read_allocation()
+        self.preempt_requested = False  # set by SIGUSR1 (Slurm's warning before the time limit)
+        self.preempted = False
+        self.watchdog = None
         self.prefix = f"marfl.{os.path.basename(os.path.abspath(run_dir))}.s{cfg.seed}"
         self.procs: Dict[int, Any] = {}
         self.network = None
@@ -408,13 +509,15 @@ class Launcher:
     def _start_network(self) -> List[str]:
         from peer_synchronization import NetworkOptions, PeerNetwork, parse_initial_peers, write_bootstrap_file
 
-        initial = parse_initial_peers(self.cfg.initial_peers, timeout=self.cfg.startup_timeout)
+        initial = parse_initial_peers(self.cfg.initial_peers, timeout=self.cfg.startup_timeout,
+                                      attempt=self.allocation.attempt)
         options = NetworkOptions(initial_peers=initial, host=self.cfg.host, announce_host=self.cfg.announce_host,
                                  nat_port_map=self.cfg.nat_port_map)
         self.network = PeerNetwork(options).start()
         maddrs = self.network.visible_maddrs()
         if not initial:
-            write_bootstrap_file(os.path.join(self.run_dir, "bootstrap.json"), maddrs)
+            write_bootstrap_file(os.path.join(self.run_dir, "bootstrap.json"), maddrs,
+                                 attempt=self.allocation.attempt)
         return initial or maddrs
 
     def _spawn_peers(self, initial_peers: List[str]) -> None:
@@ -423,33 +526,69 @@ class Launcher:
         ctx.set_forkserver_preload(_PRELOAD + (["dp_accounting"] if self.cfg.dp else []))  # children share the imported torch/hivemind pages copy-on-write
         for index in self.cfg.local_peers():
             proc = ctx.Process(target=peer_entry, name=f"peer-{index}",
-                               args=(self.cfg.to_json(), index, self.run_dir, initial_peers, self.prefix, os.getpid()))
+                               args=(self.cfg.to_json(), index, self.run_dir, initial_peers, self.prefix, os.getpid(),
+                                     self.resume_round))
             proc.start()
             self.procs[index] = proc
 
-    def publish_stop(self, reason: str, after_round: int) -> None:
+    def publish_stop(self, reason: str, after_round: int, *, preempt: bool = False) -> None:
+        """Tell every peer (through one DHT key) the last round to run; ``preempt``: the run will resume."""
         from peer_synchronization import publish
 
         if self.stop_reason is None:
-            self.stop_reason = reason
+            self.stop_reason, self.preempted = reason, preempt
             logger.info("stopping after round %d: %s", after_round, reason)
-            self.network.run(publish(self.network.dht, control_key(self.prefix), "stop_after", after_round,
+            me = self.cfg.local_peers().start
+            if preempt:
+                self.network.run(publish(self.network.dht, control_key(self.prefix), "preempt", True,
+                                         ttl=7 * 24 * 3600), timeout=30)
+            self.network.run(publish(self.network.dht, control_key(self.prefix), f"stop_after.{me}", after_round,
                                      ttl=7 * 24 * 3600), timeout=30)
+
+    def _newest_local_round(self) -> int:
+        """The furthest round any of this host's peers has logged (read from the tail of their files)."""
+        newest = 0
+        for index in self.cfg.local_peers():
+            path = os.path.join(self.run_dir, "peers", f"peer_{index:04d}.jsonl")
+            try:
+                with open(path, "rb") as f:
+                    f.seek(max(0, os.path.getsize(path) - 65536))
+                    lines = f.read().splitlines()
+                newest = max([newest] + [json.loads(line)["round"] for line in lines[-2:] if line.endswith(b"}")])
+            except (OSError, ValueError, KeyError):
+                continue
+        return max(newest, self.resume_round)
+
+    def _check_preempt(self) -> None:
+        if self.preempt_requested and self.stop_reason is None:
+            self.publish_stop("time limit signal (SIGUSR1): checkpointing", self._newest_local_round() + 2,
+                              preempt=True)
+
+    def _start_watchdog(self) -> None:
+        from shared_memory_handling import ShmWatchdog, descendant_pids
+
+        root = os.getpid()
+        self.watchdog = ShmWatchdog(run_pids=lambda: [root, *descendant_pids(root)],
+                                    warn_fraction=self.cfg.shm_warn_percent / 100,
+                                    on_warning=lambda message: print(f"WARNING: {message}", flush=True)).start()
 
     def run(self) -> int:
         os.makedirs(os.path.join(self.run_dir, "peers"), exist_ok=True)
+        self._start_watchdog()
         initial_peers = self._start_network()
         self._spawn_peers(initial_peers)
         stale = 2 * self.cfg.matchmaking_timeout + 3 * self.cfg.allreduce_timeout + 60
         collector = MetricsCollector(self.run_dir, self.cfg.num_peers, stale_after=stale)
+        self._continue_history(collector)
         if self.primary:
             self._init_wandb()
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", buffering=1) as metrics:
             while any(p.is_alive() for p in self.procs.values()):
                 self._reap_dead()
+                self._check_preempt()
                 if self.primary:
                     self._emit(collector.poll(dead=self._dead_peers()), metrics, collector)
-                    self._check_runtime(collector)
+                self._check_runtime()
                 time.sleep(0.5)
             self._reap_dead()
             if self.primary:
@@ -458,7 +597,17 @@ class Launcher:
         failed = {i: c for i, c in codes.items() if c != 0}
         if failed:
             logger.error("peers exited with errors: %s (see %s/logs)", failed, self.run_dir)
-        return EXIT_FAILED if failed else 0
+        return EXIT_FAILED if failed else (EXIT_PREEMPTED if self.preempted else 0)
+
+    def _continue_history(self, collector: MetricsCollector) -> None:
+        """On resume: metrics and stop rules continue from the checkpointed round, as if never cut."""
+        if not self.resume_round:
+            return
+        self.history = read_jsonl(os.path.join(self.run_dir, "metrics.jsonl"))
+        collector.next_round = collector.first_round = self.resume_round + 1
+        collector.elapsed_offset = self.history[-1]["elapsed_seconds"] if self.history else 0.0
+        for row in self.history:
+            self._track_loss(row)
 
     def _emit(self, rows, metrics_file, collector: MetricsCollector) -> None:
         for row in rows:
@@ -466,7 +615,8 @@ class Launcher:
             metrics_file.write(json.dumps(row) + "\n")
             print(status_line(row, self.cfg.rounds), flush=True)
             if self.wandb is not None:
-                self.wandb.log({k: v for k, v in row.items() if v is not None}, step=row["round"])
+                shm = self.watchdog.metrics() if self.watchdog else {}
+                self.wandb.log({**{k: v for k, v in row.items() if v is not None}, **shm}, step=row["round"])
             self._check_stop(row, collector)
 
     def _check_stop(self, row: Dict[str, Any], collector: MetricsCollector) -> None:
@@ -474,16 +624,19 @@ class Launcher:
         after = collector.newest_round + 2  # peers run at most a round or two apart
         if cfg.target_accuracy > 0 and (row["test_accuracy"] or 0) >= cfg.target_accuracy:
             self.publish_stop(f"target accuracy {cfg.target_accuracy:g}% reached", after)
-        if cfg.patience > 0 and row["test_loss"] is not None:
-            if row["test_loss"] < self.best_loss - cfg.convergence_threshold:
-                self.best_loss, self.best_loss_round = row["test_loss"], row["round"]
-            elif row["round"] - self.best_loss_round >= cfg.patience:
-                self.publish_stop(f"test loss did not improve by {cfg.convergence_threshold:g} "
-                                  f"in {cfg.patience} rounds", after)
+        if cfg.patience > 0 and not self._track_loss(row):
+            self.publish_stop(f"test loss did not improve by {cfg.convergence_threshold:g} "
+                              f"in {cfg.patience} rounds", after)
 
-    def _check_runtime(self, collector: MetricsCollector) -> None:
+    def _track_loss(self, row: Dict[str, Any]) -> bool:
+        """Update the best test loss; False once it has not improved for ``--patience`` rounds."""
+        if row["test_loss"] is not None and row["test_loss"] < self.best_loss - self.cfg.convergence_threshold:
+            self.best_loss, self.best_loss_round = row["test_loss"], row["round"]
+        return row["test_loss"] is None or row["round"] - self.best_loss_round < self.cfg.patience
+
+    def _check_runtime(self) -> None:
         if time.time() - self.started > self.cfg.max_runtime_hours * 3600:
-            self.publish_stop("--rt runtime limit", collector.newest_round + 2)
+            self.publish_stop("--rt runtime limit: checkpointing", self._newest_local_round() + 2, preempt=True)
 
     def _dead_peers(self) -> List[int]:
         return [i for i, p in self.procs.items() if not p.is_alive() and p.exitcode != 0]
@@ -502,8 +655,13 @@ class Launcher:
         try:
             import wandb
 
-            self.wandb = wandb.init(project=self.cfg.wandb_project, entity=self.cfg.wandb_entity,
-                                    name=os.path.basename(self.run_dir), config=self.cfg.to_json(),
+            id_file = os.path.join(self.run_dir, "wandb_id")
+            run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
+            with open(id_file, "w") as f:
+                f.write(run_id)
+            # a resumed run (same run dir) continues the same wandb run
+            self.wandb = wandb.init(project=self.cfg.wandb_project, entity=self.cfg.wandb_entity, id=run_id,
+                                    resume="allow", name=os.path.basename(self.run_dir), config=self.cfg.to_json(),
                                     dir=self.run_dir, mode=self.cfg.wandb_mode)
         except Exception as e:  # noqa: BLE001 - metrics still land in metrics.jsonl
             logger.warning("wandb disabled: %s", e)
@@ -523,6 +681,8 @@ class Launcher:
             "seconds_to_target": hit["elapsed_seconds"] if hit else None,
             "median_round_seconds": _median([r["round_seconds"] for r in self.history]),
             "mean_bytes_sent_per_peer": _mean([r["bytes_sent_per_peer"] for r in self.history]),
+            "resumed_from_round": self.resume_round or None,
+            "shm_segments_removed": len(self.watchdog.removed) if self.watchdog else 0,
         }
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -545,6 +705,8 @@ class Launcher:
             _kill_group(proc.pid)
         if self.network is not None:
             self.network.shutdown()
+        if self.watchdog is not None:
+            self.watchdog.stop()
 
     def finish_wandb(self) -> None:
         if self.wandb is not None:
@@ -574,6 +736,38 @@ def _mean(xs: Sequence[float]) -> Optional[float]:
     return sum(xs) / len(xs) if xs else None
 
 
+def read_jsonl(path: str) -> List[Dict[str, Any]]:
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
+    except FileNotFoundError:
+        return []
+
+
+def truncate_jsonl(path: str, last_round: int) -> None:
+    """Keep the rows of rounds ≤ ``last_round`` (atomically): a resumed run appends from there, no duplicates."""
+    if not os.path.exists(path):
+        return
+    rows = [row for row in read_jsonl(path) if row["round"] <= last_round]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp, path)
+
+
+def prepare_resume(cfg: RunConfig, run_dir: str, *, primary: bool) -> int:
+    """The round a resumed run continues after; this host's files are cut back to it."""
+    resume_round = common_checkpoint_round(run_dir, cfg.num_peers)
+    if resume_round == 0:
+        logger.warning("no round was checkpointed by every peer in %s: starting from round 1", run_dir)
+    for index in cfg.local_peers():
+        truncate_jsonl(os.path.join(run_dir, "peers", f"peer_{index:04d}.jsonl"), resume_round)
+    if primary:
+        truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), resume_round)
+    print(f"resuming {run_dir} after round {resume_round}", flush=True)
+    return resume_round
+
+
 # ==================== command line ====================
 
 
@@ -585,10 +779,11 @@ def _check_device(cfg: RunConfig) -> None:
             raise ConfigError("--dv cuda was given but no CUDA device is visible on this host")
 
 
-def prepare_run_dir(cfg: RunConfig) -> str:
+def prepare_run_dir(cfg: RunConfig, *, primary: bool) -> str:
     run_dir = cfg.run_dir or os.path.join("runs", f"{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(run_dir, exist_ok=True)
-    save_config(cfg, os.path.join(run_dir, "config.json"))
+    if primary:  # one writer on a shared file system; other hosts' configs differ only in their peer range
+        save_config(dataclasses.replace(cfg, peer_range=None, initial_peers=None), os.path.join(run_dir, "config.json"))
     return run_dir
 
 
@@ -613,20 +808,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"mar_fl.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    run_dir = prepare_run_dir(cfg)
     primary = cfg.peer_range is None or cfg.peer_range[0] == 0
-    launcher = Launcher(cfg, run_dir, primary=primary)
+    run_dir = prepare_run_dir(cfg, primary=primary)
+    resume_round = prepare_resume(cfg, run_dir, primary=primary) if cfg.resume else 0
+    launcher = Launcher(cfg, run_dir, primary=primary, resume_round=resume_round)
 
     def on_signal(signum, frame):
         raise PeerStopped(EXIT_INTERRUPTED)
 
+    def on_time_limit(signum, frame):  # Slurm's warning (--signal=USR1@120): checkpoint, stop, exit 75
+        launcher.preempt_requested = True
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR1, on_time_limit)
     status, code = "completed", EXIT_FAILED
     try:
         print(f"MAR-FL run dir: {run_dir}", flush=True)
         code = launcher.run()
-        status = "completed" if code == 0 else "failed"
+        status = {0: "completed", EXIT_PREEMPTED: "preempted"}.get(code, "failed")
     except PeerStopped:
         status, code = "interrupted", EXIT_INTERRUPTED
         print("interrupted: stopping all peers", file=sys.stderr, flush=True)
@@ -641,6 +841,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             summary = launcher.write_summary(status)
             print(f"done ({status}): best {summary['best_test_accuracy']}, final {summary['final_test_accuracy']}, "
                   f"{summary['rounds']} rounds, {summary['wall_seconds']:.0f} s", flush=True)
+            if status == "preempted":
+                print(f"every peer checkpointed round {summary['rounds']}; continue with: "
+                      f"python mar_fl.py --resume {run_dir}", flush=True)
         launcher.finish_wandb()
     return code
 

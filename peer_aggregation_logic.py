@@ -50,6 +50,10 @@ class AggregationResult:
 class Aggregator(Protocol):
     def aggregate(self, ctx: AggregationContext) -> AggregationResult: ...
 
+    def state_dict(self) -> Dict[str, Any]: ...  # what a checkpoint must keep across rounds
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None: ...
+
 
 class MarAveraging:
     """Plain Moshpit All-Reduce of the trainable parameters, their momentum and any extras in one exchange."""
@@ -59,6 +63,12 @@ class MarAveraging:
         report = moshpit_all_reduce(ctx.averager, tensors, participants=ctx.participants,
                                     round_index=ctx.round_index, schedule=ctx.schedule, weight=ctx.weight)
         return AggregationResult(report=report)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
 
 
 # ==================== knowledge distillation ====================
@@ -106,6 +116,12 @@ class KnowledgeDistillation:
         result.report.steps[:0] = kd_report.steps  # traffic of both passes counts
         result.metrics.update(kd_lambda=weights.kl_weight, kd_teachers=float(np.mean(teachers)) if teachers else 0.0)
         return result
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"inner": self.inner.state_dict()}  # everything else is derived from (seed, round)
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
 
     def _distil(self, ctx: AggregationContext, step: int, gathered: Dict[int, List[torch.Tensor]], weights) -> int:
         from ml_tasks import distill, num_teachers, score_teachers, select_teachers
@@ -178,6 +194,14 @@ class DifferentialPrivacy:
             dp_epsilon_groupmate=self.groupmate.epsilon(state.rounds_shared),
             dp_clip_threshold=clip_used, dp_update_norm=norm)
         return result
+
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"dp": dataclasses.asdict(self.state), "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.state = DpState(**state["dp"])
+        self.inner.load_state_dict(state["inner"])
 
 
 def make_aggregator(cfg: Any, *, initial_params: Sequence[torch.Tensor], kd_rounds: int) -> Aggregator:

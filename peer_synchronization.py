@@ -85,34 +85,42 @@ def aggregation_participants(
 # ==================== bootstrap addresses ====================
 
 
-def write_bootstrap_file(path: str, maddrs: Sequence[str]) -> None:
-    """Atomically publish the bootstrap node's multiaddrs (write then rename) for other hosts to read."""
+def write_bootstrap_file(path: str, maddrs: Sequence[str], *, attempt: Optional[str] = None) -> None:
+    """Atomically publish the bootstrap node's multiaddrs (write then rename) for other hosts to read.
+
+    ``attempt`` names this start of the job (Slurm job id + restart count), so that after a requeue the other
+    nodes do not dial the addresses of the previous attempt that are still in the file.
+    """
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump({"initial_peers": list(maddrs), "written_at": time.time()}, f)
+        json.dump({"initial_peers": list(maddrs), "written_at": time.time(), "attempt": attempt}, f)
     os.replace(tmp, path)
 
 
-def read_bootstrap_file(path: str, *, timeout: float) -> List[str]:
-    """Wait up to ``timeout`` seconds for a bootstrap file written by node 0 on a shared file system."""
+def read_bootstrap_file(path: str, *, timeout: float, attempt: Optional[str] = None) -> List[str]:
+    """Wait up to ``timeout`` seconds for a bootstrap file written by node 0 (of ``attempt``, if given)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with open(path) as f:
-                return list(json.load(f)["initial_peers"])
+                data = json.load(f)
+            if attempt is None or data.get("attempt") == attempt:
+                return list(data["initial_peers"])
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            if time.monotonic() >= deadline:
-                raise SyncError(f"no bootstrap file at {path} after {timeout:.0f} s") from None
-            time.sleep(0.2)
+            pass
+        if time.monotonic() >= deadline:
+            raise SyncError(f"no bootstrap file{' of attempt ' + attempt if attempt else ''} at {path} "
+                            f"after {timeout:.0f} s")
+        time.sleep(0.2)
 
 
-def parse_initial_peers(value: Optional[str], *, timeout: float = 120.0) -> List[str]:
+def parse_initial_peers(value: Optional[str], *, timeout: float = 120.0, attempt: Optional[str] = None) -> List[str]:
     """``--initial-peers``: comma/space separated multiaddrs, or the path of a bootstrap file."""
     if not value:
         return []
     if value.startswith("/ip4/") or value.startswith("/ip6/") or value.startswith("/dns"):
         return [part for part in value.replace(",", " ").split() if part]
-    return read_bootstrap_file(value, timeout=timeout)
+    return read_bootstrap_file(value, timeout=timeout, attempt=attempt)
 
 
 # ==================== network runtime ====================
