@@ -95,12 +95,19 @@ class PeerRuntime:
 
 
 def _pin_peer(cfg: RunConfig, index: int) -> str:
-    """Pin to a core of this process's allowed set (never one Slurm did not give us); pick GPU i mod n."""
+    """Pin to a core of this process's allowed set (never one Slurm did not give us); pick GPU i mod n.
+
+    When the affinity mask is wider than the CPUs Slurm granted (no CPU binding on that cluster) we do not
+    know which cores are ours, so peers are not pinned at all.
+    """
     import torch
 
-    cores = sorted(os.sched_getaffinity(0))
-    core = cores[(index // cfg.peers_per_core) % len(cores)]
-    os.sched_setaffinity(0, {core})
+    from config_setup import read_allocation
+
+    allocation = read_allocation()
+    if allocation.pin:
+        cores = allocation.cores
+        os.sched_setaffinity(0, {cores[(index // cfg.peers_per_core) % len(cores)]})
     torch.set_num_threads(1)
     if cfg.device == "cuda":
         if not torch.cuda.is_available():

@@ -105,7 +105,7 @@ class ShmWatchdog:
     interval: float = 30.0
     shm_dir: str = SHM_DIR
     on_warning: Optional[Callable[[str], None]] = None
-    owned: Set[str] = field(default_factory=set)
+    owned: Dict[str, Set[int]] = field(default_factory=dict)  # segment -> run pids seen with it
     known_pids: Set[int] = field(default_factory=set)
     removed: List[str] = field(default_factory=list)
     last_usage: Optional[ShmUsage] = None
@@ -116,11 +116,12 @@ class ShmWatchdog:
         self.known_pids |= set(self.run_pids())
         for pid in self.known_pids:
             if _pid_alive(pid):
-                self.owned |= open_shm_paths(pid, self.shm_dir)
+                for path in open_shm_paths(pid, self.shm_dir):
+                    self.owned.setdefault(path, set()).add(pid)
         for name in os.listdir(self.shm_dir):
             match = _PID_IN_NAME.match(name)
             if match and int(match.group(1)) in self.known_pids:
-                self.owned.add(os.path.join(self.shm_dir, name))
+                self.owned.setdefault(os.path.join(self.shm_dir, name), set()).add(int(match.group(1)))
 
     def _in_use(self) -> Set[str]:
         used: Set[str] = set()
@@ -134,20 +135,20 @@ class ShmWatchdog:
         self._observe()
         in_use = self._in_use()
         removed = []
-        for path in sorted(self.owned):
+        for path, owners in sorted(self.owned.items()):
             try:
                 st = os.stat(path)
             except FileNotFoundError:
-                self.owned.discard(path)
+                self.owned.pop(path)
                 continue
-            if st.st_uid != os.getuid() or path in in_use:
+            if st.st_uid != os.getuid() or path in in_use or any(_pid_alive(pid) for pid in owners):
                 continue
             try:
                 os.unlink(path)
             except OSError as e:
                 logger.warning("could not remove %s: %s", path, e)
                 continue
-            self.owned.discard(path)
+            self.owned.pop(path)
             removed.append(path)
         if removed:
             logger.info("/dev/shm watchdog removed %d segment(s) left by dead run processes", len(removed))

@@ -1,0 +1,125 @@
+"""A private single-node Slurm cluster (munged + slurmctld + slurmd) under a temp dir, for integration tests.
+
+Debian's ``slurmctld``, ``slurmd``, ``slurm-client`` and ``munge`` must be installed (``.ci/run`` installs them
+when it runs as root). Every daemon gets its own ports, socket, state and log files under ``root``, so the
+cluster never touches a system-wide Slurm or munge; ``stop()`` kills exactly the daemons it started.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
+
+
+def _which(name: str) -> Optional[str]:
+    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
+
+
+def missing_binaries() -> List[str]:
+    return [name for name in BINARIES if _which(name) is None]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class SlurmCluster:
+    root: str
+    cpus: int = 2
+    procs: Dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def conf(self) -> str:
+        return os.path.join(self.root, "slurm.conf")
+
+    @property
+    def env(self) -> Dict[str, str]:
+        return {**os.environ, "SLURM_CONF": self.conf}
+
+    def _write_conf(self) -> None:
+        host = socket.gethostname().split(".")[0]
+        r = self.root
+        lines = [
+            "ClusterName=marfltest", f"SlurmctldHost={host}", f"SlurmctldPort={_free_port()}",
+            f"SlurmdPort={_free_port()}", "AuthType=auth/munge", "CredType=cred/munge",
+            f"AuthInfo=socket={r}/munge.sock", "SlurmUser=root", "SlurmdUser=root",
+            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool",
+            f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd.pid",
+            f"SlurmctldLogFile={r}/slurmctld.log", f"SlurmdLogFile={r}/slurmd.log",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SchedulerType=sched/backfill",
+            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "ReturnToService=2",
+            "MpiDefault=none", "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/none", "SlurmdTimeout=30", "InactiveLimit=0", "KillWait=15", "MinJobAge=300",
+            "JobRequeue=1", "PlugStackConfig=/dev/null",
+            f"NodeName={host} CPUs={self.cpus} State=UNKNOWN",
+            f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
+        ]
+        with open(self.conf, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def _start(self, name: str, cmd: List[str]) -> None:
+        log = open(os.path.join(self.root, f"{name}.stdout"), "w")
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True)
+
+    def start(self, timeout: float = 60.0) -> "SlurmCluster":
+        for sub in ("state", "spool", "munge"):
+            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        os.chmod(self.root, 0o755)
+        key = os.path.join(self.root, "munge", "munge.key")
+        with open(key, "wb") as f:
+            f.write(os.urandom(1024))
+        os.chmod(key, 0o600)
+        self._write_conf()
+        r = self.root
+        self._start("munged", [_which("munged"), "--foreground", "--force", f"--socket={r}/munge.sock",
+                               f"--key-file={key}", f"--pid-file={r}/munged.pid", f"--log-file={r}/munged.log",
+                               f"--seed-file={r}/munge/seed"])
+        self._wait(lambda: os.path.exists(f"{r}/munge.sock"), timeout, "munged socket")
+        self._start("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", self.conf])
+        self._start("slurmd", [_which("slurmd"), "-D", "-f", self.conf])
+        self._wait(self._node_idle, timeout, "an idle Slurm node")
+        return self
+
+    def _node_idle(self) -> bool:
+        out = subprocess.run([_which("sinfo") or "sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                             env=self.env)
+        return out.returncode == 0 and out.stdout.strip().startswith("idle")
+
+    def _wait(self, check, timeout: float, what: str) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}: see {self.root}")
+            if check():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"timed out waiting for {what}: see {self.root}")
+
+    def sbatch(self, *args: str, cwd: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        return subprocess.run([_which("sbatch"), "--wait", "--parsable", *args], cwd=cwd, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        """Kill the daemons this cluster started (and their process groups: slurmstepd, job processes)."""
+        for name in ("slurmd", "slurmctld", "munged"):
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
