@@ -31,6 +31,10 @@ T = TypeVar("T")
 _SALT_UPDATE, _SALT_AGGREGATE, _SALT_DROPOUT = 1, 2, 3
 
 
+# hivemind's default (3 s) loses pings on an oversubscribed node (dozens of peers per core during start-up)
+DHT_RPC_TIMEOUT = 10.0
+
+
 class SyncError(RuntimeError):
     """The network runtime could not be started or a DHT operation failed for good."""
 
@@ -181,12 +185,22 @@ class PeerNetwork:
             tls=os.environ.get("MARFL_TLS", "1") == "1",
             startup_timeout=opts.startup_timeout,
         )
-        self.dht = await DHTNode.create(
-            p2p=self.p2p,
-            initial_peers=list(opts.initial_peers),
-            cache_locally=False,  # barriers must see fresh subkeys, never a cached snapshot
-            cache_on_store=False,
-        )
+        deadline = time.monotonic() + opts.startup_timeout
+        while True:
+            try:
+                self.dht = await DHTNode.create(
+                    p2p=self.p2p,
+                    initial_peers=list(opts.initial_peers),
+                    cache_locally=False,  # barriers must see fresh subkeys, never a cached snapshot
+                    cache_on_store=False,
+                    wait_timeout=DHT_RPC_TIMEOUT,
+                )
+                return
+            except RuntimeError as e:  # "none of the initial_peers responded": busy, not necessarily gone
+                if time.monotonic() >= deadline:
+                    raise
+                logger.warning("DHT bootstrap failed (%s); retrying", e)
+                await asyncio.sleep(1.0)
 
     @property
     def p2pd_pid(self) -> Optional[int]:
