@@ -185,22 +185,31 @@ class PeerNetwork:
             tls=os.environ.get("MARFL_TLS", "1") == "1",
             startup_timeout=opts.startup_timeout,
         )
-        deadline = time.monotonic() + opts.startup_timeout
-        while True:
-            try:
-                self.dht = await DHTNode.create(
-                    p2p=self.p2p,
-                    initial_peers=list(opts.initial_peers),
-                    cache_locally=False,  # barriers must see fresh subkeys, never a cached snapshot
-                    cache_on_store=False,
-                    wait_timeout=DHT_RPC_TIMEOUT,
-                )
+        self.dht = await DHTNode.create(
+            p2p=self.p2p,
+            initial_peers=list(opts.initial_peers),
+            cache_locally=False,  # barriers must see fresh subkeys, never a cached snapshot
+            cache_on_store=False,
+            wait_timeout=DHT_RPC_TIMEOUT,
+            ensure_bootstrap_success=False,  # checked below, with retries instead of one 3-second chance
+        )
+        await self._ensure_bootstrapped(time.monotonic() + opts.startup_timeout)
+
+    async def _ensure_bootstrapped(self, deadline: float) -> None:
+        """Ping the initial peers until one answers: on a busy node the first ping may simply be late."""
+        from hivemind.p2p import PeerID
+        from multiaddr import Multiaddr
+
+        peers = {PeerID.from_base58(Multiaddr(m)["p2p"]) for m in self.options.initial_peers}
+        while peers and not self.dht.protocol.routing_table.uid_to_peer_id:
+            answers = await asyncio.gather(*(self.dht.protocol.call_ping(p) for p in peers), return_exceptions=True)
+            if any(a is not None and not isinstance(a, BaseException) for a in answers):
+                await asyncio.wait_for(self.dht.find_nearest_nodes([self.dht.node_id]), DHT_RPC_TIMEOUT)
                 return
-            except RuntimeError as e:  # "none of the initial_peers responded": busy, not necessarily gone
-                if time.monotonic() >= deadline:
-                    raise
-                logger.warning("DHT bootstrap failed (%s); retrying", e)
-                await asyncio.sleep(1.0)
+            if time.monotonic() >= deadline:
+                raise SyncError("none of the initial peers answered a DHT ping")
+            logger.warning("no initial peer answered a DHT ping yet; retrying")
+            await asyncio.sleep(1.0)
 
     @property
     def p2pd_pid(self) -> Optional[int]:

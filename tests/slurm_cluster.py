@@ -111,8 +111,40 @@ class SlurmCluster:
         return subprocess.run([_which("sbatch"), "--wait", "--parsable", *args], cwd=cwd, env=self.env,
                               capture_output=True, text=True, timeout=timeout)
 
+    def _cancel_jobs(self, timeout: float = 60.0) -> None:
+        """Cancel every job of this (private) cluster and wait until they are gone, so their steps end too."""
+        if self.procs.get("slurmctld") is None or self.procs["slurmctld"].poll() is not None:
+            return
+        subprocess.run([_which("scancel") or "scancel", "--full", "--user", str(os.getuid())], env=self.env,
+                       capture_output=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            out = subprocess.run([_which("squeue") or "squeue", "-h"], env=self.env, capture_output=True, text=True)
+            if out.returncode != 0 or not out.stdout.strip():
+                return
+            time.sleep(1)
+
+    def _leftover_pids(self):
+        """Processes that belong to this cluster's jobs: their command line or environment names our files."""
+        marker = self.root.encode()
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    environ = f.read()
+            except OSError:
+                continue
+            if marker in cmdline or b"SLURM_CONF=" + self.conf.encode() + b"\0" in environ:
+                found.append(int(entry))
+        return found
+
     def stop(self) -> None:
-        """Kill the daemons this cluster started (and their process groups: slurmstepd, job processes)."""
+        """Cancel the jobs, stop the daemons this cluster started, then kill whatever of its jobs is left."""
+        self._cancel_jobs()
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
@@ -123,3 +155,8 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+        for pid in self._leftover_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

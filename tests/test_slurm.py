@@ -97,3 +97,23 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_to_the_same_metrics(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["resumed_from_round"] >= 2
     assert metrics(run_dir) == metrics(reference)  # no duplicate, no missing round, the same numbers
+
+
+def test_multinode_script_runs_one_launcher_per_task(slurm, tmp_path, data_dir, no_new_p2pd):
+    """Two srun tasks on the one node stand in for two nodes: each runs its own peer range, and task 1 joins
+    task 0's DHT through the bootstrap file in the shared run dir."""
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        ["sbatch", "--parsable", "--wait", f"--output={tmp_path}/slurm-%j.out", "--nodes=1", "--ntasks=2",
+         "--ntasks-per-node=2", "--cpus-per-task=1", "slurm/mar_fl_multinode.sbatch",
+         *TINY, "--np", "4", "--gk", "2", "--ni", "2", "--rounds", "3", "--data-dir", data_dir],
+        cwd=ROOT, env=job_env(slurm, run_dir), capture_output=True, text=True, timeout=900)
+    log = "".join(open(os.path.join(tmp_path, n)).read() for n in os.listdir(tmp_path) if n.startswith("slurm-"))
+    assert done.returncode == 0, done.stderr + log[-3000:]
+    rows = metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(r["reporting_peers"] == 4 and r["participating_peers"] == 4 for r in rows)
+    assert log.count("MAR-FL run dir") == 2  # two launchers
+    bootstrap = json.loads((run_dir / "bootstrap.json").read_text())
+    assert bootstrap["attempt"] and bootstrap["attempt"].endswith(".0")
+    assert json.loads((run_dir / "config.json").read_text())["peer_range"] is None
