@@ -178,7 +178,7 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
 
         device = _pin_peer(cfg, index)
         options = NetworkOptions(initial_peers=initial_peers, host=cfg.host, announce_host=cfg.announce_host,
-                                 nat_port_map=cfg.nat_port_map)
+                                 nat_port_map=cfg.nat_port_map, startup_timeout=cfg.startup_timeout)
         network = PeerNetwork(options).start()
         run_peer(cfg, index=index, run_dir=run_dir, network=network, prefix=prefix, device=device,
                  resume_round=resume_round)
