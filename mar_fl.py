@@ -629,6 +629,9 @@ class Launcher:
     def _check_stop(self, row: Dict[str, Any], collector: MetricsCollector) -> None:
         cfg = self.cfg
         after = collector.newest_round + 2  # peers run at most a round or two apart
+        losses = [row[key] for key in ("train_loss", "test_loss") if row[key] is not None]
+        if any(not math.isfinite(loss) for loss in losses):  # e.g. DP noise too strong: nothing left to learn
+            self.publish_stop("training diverged (non-finite loss)", after)
         if cfg.target_accuracy > 0 and (row["test_accuracy"] or 0) >= cfg.target_accuracy:
             self.publish_stop(f"target accuracy {cfg.target_accuracy:g}% reached", after)
         if cfg.patience > 0 and not self._track_loss(row):
