@@ -66,3 +66,22 @@ def test_should_test_and_status_line():
                                   test_correct=9, test_loss_sum=1.0, test_count=10)], run_start=100.0)
     line = status_line(row, 200)
     assert line.startswith("round    5/200") and "90.00%" in line and "2.00 MB sent" in line
+
+
+def test_a_non_finite_loss_stops_the_run():
+    import math
+
+    import mar_fl
+    from config_setup import parse_config
+
+    launcher = mar_fl.Launcher.__new__(mar_fl.Launcher)
+    launcher.cfg = parse_config(["--np", "4"])
+    launcher.best_loss, launcher.best_loss_round = math.inf, 0
+    stops = []
+    launcher.publish_stop = lambda reason, after, **kw: stops.append((reason, after))
+    collector = mar_fl.MetricsCollector(run_dir="unused", num_peers=4)
+    collector.newest_round = 7
+    launcher._check_stop({"round": 6, "train_loss": 0.5, "test_loss": None, "test_accuracy": None}, collector)
+    assert stops == []
+    launcher._check_stop({"round": 7, "train_loss": float("nan"), "test_loss": None, "test_accuracy": None}, collector)
+    assert stops and "diverged" in stops[0][0] and stops[0][1] == 9
