@@ -198,7 +198,7 @@ class PeerNetwork:
     async def _ensure_bootstrapped(self, deadline: float) -> None:
         """Ping the initial peers until one answers: on a busy node the first ping may simply be late."""
         from hivemind.p2p import PeerID
-        from multiaddr import Multiaddr
+        from hivemind.utils.multiaddr import Multiaddr
 
         peers = {PeerID.from_base58(Multiaddr(m)["p2p"]) for m in self.options.initial_peers}
         while peers and not self.dht.protocol.routing_table.uid_to_peer_id:
