@@ -8,6 +8,7 @@ never an integer "use case".
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -127,8 +128,8 @@ class KnowledgeDistillation:
         from ml_tasks import distill, num_teachers, score_teachers, select_teachers
 
         device = ctx.params[0].device
-        if self._scratch is None:
-            self._scratch = ctx.task.make_model().to(device)
+        if self._scratch is None:  # a copy has the student's architecture and its frozen parts, whatever the task
+            self._scratch = copy.deepcopy(ctx.model)
         batches = ctx.local_batches(step)
         candidates = {peer: [t.to(device) for t in tensors] for peer, tensors in gathered.items()}
         scores, logits = score_teachers(ctx.task, ctx.model, self._scratch, candidates, batches)
