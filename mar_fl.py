@@ -58,6 +58,11 @@ def should_test(cfg: RunConfig, round_index: int, last_round: int) -> bool:
     return round_index % cfg.test_every == 0 or round_index == last_round
 
 
+def stale_after_seconds(cfg: RunConfig) -> float:
+    """How long a round may wait for a silent peer before the launcher reports it without that peer."""
+    return 2 * cfg.matchmaking_timeout + 3 * cfg.allreduce_timeout + 60
+
+
 # ==================== peer runtime ====================
 
 
@@ -69,6 +74,8 @@ class PeerState:
     order: Any
     round_index: int = 0
     stop_after: Optional[int] = None
+    lr_drop_from: Optional[int] = None  # --lr-drop-round, or the round the launcher announced for --lr-drop-acc
+    lr_decided_through: int = 0  # --lr-drop-acc: the last test round the launcher has judged
 
 
 @dataclass
@@ -76,6 +83,7 @@ class PeerRuntime:
     """What a peer's rounds run with: the task and its data, the averager and the aggregation pipeline."""
 
     task: Any
+    prepared: Dict[str, Any]
     train: Any
     test: Any
     test_idx: Any
@@ -145,7 +153,7 @@ def _watch_launcher(launcher_pid: int) -> None:
 
 
 def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers: List[str], prefix: str,
-               launcher_pid: int) -> None:
+               launcher_pid: int, prepared: Dict[str, Any]) -> None:
     """Process entry point of one peer."""
     os.setpgrp()  # its own process group: the launcher can reap the peer's p2pd even after a SIGKILL
 
@@ -165,7 +173,7 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
         options = NetworkOptions(initial_peers=initial_peers, host=cfg.host, announce_host=cfg.announce_host,
                                  nat_port_map=cfg.nat_port_map)
         network = PeerNetwork(options).start()
-        run_peer(cfg, index=index, run_dir=run_dir, network=network, prefix=prefix, device=device)
+        run_peer(cfg, index=index, run_dir=run_dir, network=network, prefix=prefix, device=device, prepared=prepared)
     except PeerStopped:
         logger.info("peer %d stopped by signal", index)
         raise
@@ -177,24 +185,25 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
             network.shutdown()
 
 
-def _init_peer_state(cfg: RunConfig, task, train, index: int, device) -> PeerState:
+def _init_peer_state(cfg: RunConfig, task, prepared: Dict[str, Any], train, index: int, device) -> PeerState:
     import torch
 
     from config_setup import set_all_seeds
     from ml_tasks import BatchOrder, dirichlet_partition, iid_partition
 
     set_all_seeds(cfg.seed)  # identical initial model on every peer
-    model = task.make_model().to(device)
+    model = task.make_model(prepared).to(device)
     momentum = [torch.zeros_like(p) for p in task.trainable(model)]
     if cfg.split == "dirichlet":
         parts = dirichlet_partition(train.labels, cfg.num_peers, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
     else:
         parts = iid_partition(len(train), cfg.num_peers)
     order = BatchOrder(indices=parts[index], seed=cfg.seed, peer=index)
-    return PeerState(index=index, model=model, momentum=momentum, order=order)
+    return PeerState(index=index, model=model, momentum=momentum, order=order, lr_drop_from=cfg.lr_drop_round)
 
 
-def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, device: str) -> None:
+def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, device: str,
+             prepared: Dict[str, Any]) -> None:
     import torch
 
     from config_setup import mini_batches_per_round
@@ -204,12 +213,13 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
     from peer_synchronization import barrier
 
     task = get_task(cfg.task)
-    train, test = task.load(cfg.data_dir)
-    state = _init_peer_state(cfg, task, train, index, torch.device(device))
+    train, test = task.load(prepared)
+    state = _init_peer_state(cfg, task, prepared, train, index, torch.device(device))
     averager = MoshpitAverager(network, AveragerOptions(
         prefix=prefix, index=index, compression=cfg.compression,
         matchmaking_timeout=cfg.matchmaking_timeout, allreduce_timeout=cfg.allreduce_timeout))
-    rt = PeerRuntime(task=task, train=train, test=test, test_idx=eval_slice(len(test), index, cfg.num_peers),
+    rt = PeerRuntime(task=task, prepared=prepared, train=train, test=test,
+                     test_idx=eval_slice(len(test), index, cfg.num_peers),
                      num_batches=mini_batches_per_round(cfg, num_samples=len(train)), averager=averager,
                      aggregator=make_aggregator(cfg), device=torch.device(device),
                      schedule=MarSchedule(cfg.group_size, cfg.group_key_dim, cfg.mar_steps))
@@ -221,24 +231,54 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
         for round_index in range(1, cfg.rounds + 1):
             if _stop_requested(network, prefix, state, round_index):
                 break
+            _await_lr_verdict(cfg, network, prefix, state, round_index)
             out.write(json.dumps(_run_round(cfg, state, rt, round_index)) + "\n")
             release_freed_memory()
     barrier(network, f"{prefix}.end", me=index, expected=range(cfg.num_peers), timeout=cfg.allreduce_timeout)
     averager.close()
 
 
-def _stop_requested(network, prefix: str, state: PeerState, round_index: int) -> bool:
-    """One DHT read per round: the launcher publishes the last round to run when it decides to stop."""
+def _read_control(network, prefix: str, state: PeerState) -> None:
+    """Read the launcher's decisions (stop, learning-rate drop) from its DHT control key into ``state``."""
     from peer_synchronization import read_subkeys
 
     try:
         record = network.run(read_subkeys(network.dht, control_key(prefix)), timeout=30)
     except Exception as e:  # noqa: BLE001 - a missed read only delays the stop by a round
         logger.warning("control read failed: %r", e)
-        return False
+        return
     if "stop_after" in record:
         state.stop_after = int(record["stop_after"])
+    if "lr" in record:  # one value, so a reader never sees the verdict without the drop round it implies
+        decided_through, drop_from = record["lr"]
+        state.lr_decided_through = max(state.lr_decided_through, int(decided_through))
+        if drop_from and state.lr_drop_from is None:
+            state.lr_drop_from = int(drop_from)
+
+
+def _stop_requested(network, prefix: str, state: PeerState, round_index: int) -> bool:
+    """One DHT read per round: the launcher publishes the last round to run when it decides to stop."""
+    _read_control(network, prefix, state)
     return state.stop_after is not None and round_index > state.stop_after
+
+
+def lr_verdict_pending(cfg: RunConfig, state: PeerState, round_index: int) -> bool:
+    """--lr-drop-acc: a round after a test round starts only once the launcher has judged that test."""
+    previous = round_index - 1
+    return (cfg.lr_drop_accuracy is not None and state.lr_drop_from is None and previous >= 1
+            and previous % cfg.test_every == 0 and state.lr_decided_through < previous)
+
+
+def _await_lr_verdict(cfg: RunConfig, network, prefix: str, state: PeerState, round_index: int) -> None:
+    """Wait for the launcher's verdict, so that every peer trains each round with the same lr (reproducibly)."""
+    deadline = time.time() + stale_after_seconds(cfg) + 60
+    while lr_verdict_pending(cfg, state, round_index):
+        if time.time() > deadline:
+            logger.warning("peer %d: no learning-rate verdict on round %d from the launcher; keeping lr %g",
+                           state.index, round_index - 1, cfg.learning_rate)
+            return
+        time.sleep(0.2)
+        _read_control(network, prefix, state)
 
 
 def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: int) -> Dict[str, Any]:
@@ -247,13 +287,16 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
     from peer_aggregation_logic import AggregationContext
     from peer_synchronization import aggregation_participants, update_participants
 
+    from config_setup import learning_rate
+
     started = time.time()
-    record: Dict[str, Any] = {"round": round_index, "peer": state.index, "t_start": started}
+    lr = learning_rate(cfg, round_index, drop_from=state.lr_drop_from)
+    record: Dict[str, Any] = {"round": round_index, "peer": state.index, "t_start": started, "learning_rate": lr}
     if state.index in update_participants(seed=cfg.seed, round_index=round_index, num_peers=cfg.num_peers,
                                           update_percent=cfg.update_percent):
         record["train_loss"] = train_batches(
             rt.task, state.model, state.momentum, data=rt.train, order=state.order, num_batches=rt.num_batches,
-            batch_size=cfg.batch_size, lr=cfg.learning_rate, beta=cfg.momentum, device=rt.device)
+            batch_size=cfg.batch_size, lr=lr, beta=cfg.momentum, device=rt.device)
     trained = time.time()
     participants = aggregation_participants(
         seed=cfg.seed, round_index=round_index, num_peers=cfg.num_peers, update_percent=cfg.update_percent,
@@ -290,6 +333,7 @@ def summarize_round(records: Sequence[Dict[str, Any]], run_start: float) -> Dict
     count = sum(r["test_count"] for r in tested)
     return {
         "round": records[0]["round"],
+        "learning_rate": records[0].get("learning_rate"),
         "train_loss": mean(trained),
         "test_accuracy": 100.0 * sum(r["test_correct"] for r in tested) / count if count else None,
         "test_loss": sum(r["test_loss_sum"] for r in tested) / count if count else None,
@@ -373,8 +417,8 @@ def status_line(row: Dict[str, Any], rounds: int) -> str:
 class Launcher:
     """Spawns and supervises this host's peers; on the primary host also collects metrics and decides stops."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str, *, primary: bool):
-        self.cfg, self.run_dir, self.primary = cfg, run_dir, primary
+    def __init__(self, cfg: RunConfig, run_dir: str, *, primary: bool, prepared: Dict[str, Any]):
+        self.cfg, self.run_dir, self.primary, self.prepared = cfg, run_dir, primary, prepared
         self.prefix = f"marfl.{os.path.basename(os.path.abspath(run_dir))}.s{cfg.seed}"
         self.procs: Dict[int, Any] = {}
         self.network = None
@@ -383,6 +427,7 @@ class Launcher:
         self.wandb = None
         self.history: List[Dict[str, Any]] = []
         self.best_loss, self.best_loss_round = math.inf, 0
+        self.lr_drop_from: Optional[int] = None
         self.started = time.time()
 
     def _start_network(self) -> List[str]:
@@ -403,7 +448,8 @@ class Launcher:
         ctx.set_forkserver_preload(_PRELOAD)  # children share the imported torch/hivemind pages copy-on-write
         for index in self.cfg.local_peers():
             proc = ctx.Process(target=peer_entry, name=f"peer-{index}",
-                               args=(self.cfg.to_json(), index, self.run_dir, initial_peers, self.prefix, os.getpid()))
+                               args=(self.cfg.to_json(), index, self.run_dir, initial_peers, self.prefix, os.getpid(),
+                                     self.prepared))
             proc.start()
             self.procs[index] = proc
 
@@ -420,8 +466,7 @@ class Launcher:
         os.makedirs(os.path.join(self.run_dir, "peers"), exist_ok=True)
         initial_peers = self._start_network()
         self._spawn_peers(initial_peers)
-        stale = 2 * self.cfg.matchmaking_timeout + 3 * self.cfg.allreduce_timeout + 60
-        collector = MetricsCollector(self.run_dir, self.cfg.num_peers, stale_after=stale)
+        collector = MetricsCollector(self.run_dir, self.cfg.num_peers, stale_after=stale_after_seconds(self.cfg))
         if self.primary:
             self._init_wandb()
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", buffering=1) as metrics:
@@ -448,6 +493,7 @@ class Launcher:
             if self.wandb is not None:
                 self.wandb.log({k: v for k, v in row.items() if v is not None}, step=row["round"])
             self._check_stop(row, collector)
+            self._judge_lr_drop(row)
 
     def _check_stop(self, row: Dict[str, Any], collector: MetricsCollector) -> None:
         cfg = self.cfg
@@ -460,6 +506,23 @@ class Launcher:
             elif row["round"] - self.best_loss_round >= cfg.patience:
                 self.publish_stop(f"test loss did not improve by {cfg.convergence_threshold:g} "
                                   f"in {cfg.patience} rounds", after)
+
+    def _judge_lr_drop(self, row: Dict[str, Any]) -> None:
+        """--lr-drop-acc: judge every test round; peers wait for the verdict before the next round."""
+        from peer_synchronization import publish
+
+        cfg = self.cfg
+        if cfg.lr_drop_accuracy is None or self.lr_drop_from is not None or row["round"] % cfg.test_every:
+            return
+        if row["test_accuracy"] is not None and row["test_accuracy"] >= cfg.lr_drop_accuracy:
+            self.lr_drop_from = row["round"] + 1
+            logger.info("test accuracy %.2f%% reached %g%%: lr %g from round %d on", row["test_accuracy"],
+                        cfg.lr_drop_accuracy, cfg.lr_drop_to, self.lr_drop_from)
+        try:
+            self.network.run(publish(self.network.dht, control_key(self.prefix), "lr",
+                                     [row["round"], self.lr_drop_from or 0], ttl=7 * 24 * 3600), timeout=30)
+        except Exception as e:  # noqa: BLE001 - peers wait, then keep their lr and say so in their logs
+            logger.warning("could not publish the learning-rate verdict on round %d: %r", row["round"], e)
 
     def _check_runtime(self, collector: MetricsCollector) -> None:
         if time.time() - self.started > self.cfg.max_runtime_hours * 3600:
@@ -565,8 +628,12 @@ def _check_device(cfg: RunConfig) -> None:
             raise ConfigError("--dv cuda was given but no CUDA device is visible on this host")
 
 
-def prepare_run_dir(cfg: RunConfig) -> str:
-    run_dir = cfg.run_dir or os.path.join("runs", f"{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}")
+def run_dir_for(cfg: RunConfig) -> str:
+    return cfg.run_dir or os.path.join("runs", f"{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Optional[str] = None) -> str:
+    run_dir = run_dir or run_dir_for(cfg)
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, os.path.join(run_dir, "config.json"))
     return run_dir
@@ -585,13 +652,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = parse_config(argv)
         _check_device(cfg)
-        get_task(cfg.task).prepare(cfg.data_dir)
+        run_dir = run_dir_for(cfg)
+        prepared = get_task(cfg.task).prepare(cfg, run_dir)  # before peers spawn: they only load its result
     except (ConfigError, DataError) as e:
         print(f"mar_fl.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    run_dir = prepare_run_dir(cfg)
+    run_dir = prepare_run_dir(cfg, run_dir)
     primary = cfg.peer_range is None or cfg.peer_range[0] == 0
-    launcher = Launcher(cfg, run_dir, primary=primary)
+    launcher = Launcher(cfg, run_dir, primary=primary, prepared=prepared)
 
     def on_signal(signum, frame):
         raise PeerStopped(EXIT_INTERRUPTED)
