@@ -58,9 +58,9 @@ def run(cfg, *, run_dir: str):
         judged = cfg.lr_drop_accuracy is not None and drop_from is None and round_index % cfg.test_every == 0
         if judged and accuracy >= cfg.lr_drop_accuracy:
             drop_from = round_index + 1
-    summary = {"final_test_accuracy": rows[-1]["test_accuracy"], "best_test_accuracy": max(r["test_accuracy"] for r in rows),
-               "steps_per_round": steps, "samples": cfg.rounds * steps * cfg.batch_size,
-               "seconds": round(time.time() - started, 1)}
+    summary = {"final_test_accuracy": rows[-1]["test_accuracy"],
+               "best_test_accuracy": max(r["test_accuracy"] for r in rows), "steps_per_round": steps,
+               "samples": cfg.rounds * steps * cfg.batch_size, "seconds": round(time.time() - started, 1)}
     return rows, summary
 
 
