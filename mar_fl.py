@@ -283,11 +283,10 @@ def _await_lr_verdict(cfg: RunConfig, network, prefix: str, state: PeerState, ro
 
 def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: int) -> Dict[str, Any]:
     """One round of one peer: train if chosen, aggregate if chosen, evaluate on test rounds."""
+    from config_setup import learning_rate
     from ml_tasks import evaluate, train_batches
     from peer_aggregation_logic import AggregationContext
     from peer_synchronization import aggregation_participants, update_participants
-
-    from config_setup import learning_rate
 
     started = time.time()
     lr = learning_rate(cfg, round_index, drop_from=state.lr_drop_from)
