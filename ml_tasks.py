@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -544,7 +545,10 @@ def prepare_news(cfg: Any, run_dir: str) -> Dict[str, Any]:
                 "in %s", "raw" if cfg.news_raw else "stripped", meta["train_docs"], meta["dropped_empty_train"],
                 meta["test_docs"], meta["dim"], "cached" if cached else f"computed in {meta['embedding_seconds']} s",
                 entry)
-    return {"embeddings": os.path.abspath(entry), "dim": meta["dim"]}
+    # L2-normalised embeddings (MiniLM) have per-dimension RMS 1/sqrt(dim): rescaled to 1, so that the head trains
+    # at the reference's lr 0.1 instead of crawling (a fixed constant, no statistic of anybody's data)
+    scale = math.sqrt(meta["dim"]) if meta["normalize"] else 1.0
+    return {"embeddings": os.path.abspath(entry), "dim": meta["dim"], "input_scale": scale}
 
 
 def load_news(prepared: Dict[str, Any]) -> Tuple[ArrayDataset, ArrayDataset]:
@@ -564,14 +568,15 @@ def news_batch(data: ArrayDataset, idx: np.ndarray, device: torch.device) -> Tup
 class NewsHead(nn.Module):
     """The reference's head on the frozen encoder's embedding: dropout, linear, ReLU, dropout, linear to 20."""
 
-    def __init__(self, dim: int, *, hidden: int = NEWS_HIDDEN, classes: int = NEWS_CLASSES,
-                 dropout: float = NEWS_DROPOUT):
+    def __init__(self, dim: int, *, input_scale: float = 1.0, hidden: int = NEWS_HIDDEN,
+                 classes: int = NEWS_CLASSES, dropout: float = NEWS_DROPOUT):
         super().__init__()
+        self.input_scale = input_scale  # a constant, not a tensor: nothing to train or average
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                                   nn.Linear(hidden, classes))
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.head(embeddings)
+        return self.head(embeddings * self.input_scale)
 
 
 # ==================== task registry ====================
@@ -609,7 +614,7 @@ TASKS: Dict[str, Task] = {
     "news": Task(
         name="news",
         load=load_news,
-        make_model=lambda prepared: NewsHead(prepared["dim"]),
+        make_model=lambda prepared: NewsHead(prepared["dim"], input_scale=prepared.get("input_scale", 1.0)),
         make_batch=news_batch,
         prepare=prepare_news,
     ),

@@ -56,6 +56,7 @@ def test_embeddings_are_cached_with_empty_training_texts_dropped(prepared, news_
         meta = json.load(f)
     assert (meta["train_docs"], meta["dropped_empty_train"], meta["test_docs"]) == (40 - EMPTY_TRAIN, EMPTY_TRAIN, 20)
     assert meta["pooling"] == "mean" and prepared["dim"] == 384
+    assert prepared["input_scale"] == pytest.approx(384 ** 0.5)  # unit RMS per dimension for the head
     assert prepared["embeddings"].startswith(os.path.join(news_dir, "20newsgroups", "cache"))
     train, test = ml_tasks.load_news(prepared)
     assert isinstance(train.inputs, np.memmap) and train.inputs.shape == (40 - EMPTY_TRAIN, 384)
