@@ -513,6 +513,9 @@ def _exclusive(lock_path: str):
 
 def _store_cache(entry: str, arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> None:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(entry)}.", dir=os.path.dirname(entry))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared cache from other users
     try:
         for name, array in arrays.items():
             np.save(os.path.join(tmp, f"{name}.npy"), array)
