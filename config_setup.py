@@ -121,13 +121,7 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = RunConfig()
-    p = _Parser(
-        prog="mar_fl.py",
-        description="MAR-FL: serverless federated learning with Moshpit All-Reduce over libp2p.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def _flags_general_hardware(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g = p.add_argument_group("general & hardware")
     g.add_argument("-sd", "--sd", "--seed", dest="seed", type=int, default=d.seed, help="random seed")
     _flag(g, "ml", "task", dest="task", default=d.task, help=f"ML task {TASKS}")
@@ -137,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
           help="peers pinned to each CPU core")
     _flag(g, "rt", "max-runtime-hours", dest="max_runtime_hours", type=float, default=d.max_runtime_hours,
           help="stop the run after this many hours")
+
+
+def _flags_moshpit_all_reduce(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g = p.add_argument_group("Moshpit All-Reduce")
     _flag(g, "gs", "group-size", dest="group_size", type=int, default=d.group_size, help="MAR group size")
     _flag(g, "gk", "group-key-dim", dest="group_key_dim", type=int, default=d.group_key_dim,
@@ -153,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a group waits for missing members")
     g.add_argument("--allreduce-timeout", type=float, default=d.allreduce_timeout,
                    help="seconds of silence after which a member is dropped from an exchange")
+
+
+def _flags_training(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--rounds", type=int, default=d.rounds, help="FL rounds")
     _flag(g, "im", "iteration-mode", dest="iteration_mode", default=d.iteration_mode,
@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
           default=d.convergence_threshold, help="minimum test-loss improvement that counts, with --patience")
     g.add_argument("--patience", type=int, default=d.patience,
                    help="stop when the test loss has not improved by --cd for this many rounds; 0 = off")
+
+
+def _flags_knowledge_distillation(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g = p.add_argument_group("knowledge distillation")
     _flag(g, "kd", "knowledge-distillation", dest="kd", action="store_true", help="distil from group-mates")
     _flag(g, "nb", "kd-no-blending", dest="kd_no_blending", action="store_true", help="KL + CE the whole run")
@@ -181,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
           help="distil from all candidate teachers")
     g.add_argument("--kd-rounds", type=int, default=None,
                    help="distil during the first K rounds (default: --ds passes over an average partition)")
+
+
+def _flags_differential_privacy(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g = p.add_argument_group("differential privacy")
     _flag(g, "dp", "differential-privacy", dest="dp", action="store_true", help="DP-FedAvg with adaptive clipping")
     _flag(g, "nm", "noise-multiplier", dest="noise_multiplier", type=float, default=d.noise_multiplier,
@@ -188,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "ct", "clip-threshold", dest="clip_threshold", type=float, default=d.clip_threshold,
           help="initial clipping threshold C")
     g.add_argument("--dp-delta", type=float, default=None, help="δ of the reported (ε, δ) (default N^-1.1)")
+
+
+def _flags_io_and_deployment(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g = p.add_argument_group("I/O and deployment")
     g.add_argument("--data-dir", default=d.data_dir, help="dataset root (MNIST/raw, 20newsgroups/)")
     g.add_argument("--run-dir", default=None, help="output folder (default runs/<name>-<time>)")
@@ -203,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nat-port-map", action="store_true", help="let p2pd probe the router (WAN runs only)")
     g.add_argument("--startup-timeout", type=float, default=d.startup_timeout,
                    help="seconds to wait for all peers to come up")
+
+
+def _flags_checkpoints_and_clusters(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g = p.add_argument_group("checkpoints and clusters")
     g.add_argument("--ckpt-every", type=int, default=d.ckpt_every,
                    help="checkpoint every peer's whole state every N rounds (0: only when the run stops)")
@@ -210,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue RUN_DIR from the last round every peer checkpointed (its config.json applies)")
     g.add_argument("--shm-warn", dest="shm_warn_percent", type=float, default=d.shm_warn_percent,
                    help="warn when /dev/shm is this percent full")
+
+
+def _flags_20_newsgroups(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g = p.add_argument_group("20 Newsgroups")
     g.add_argument("--news-raw", action="store_true",
                    help="use the raw messages instead of the default headers/footers/quotes-stripped variant")
@@ -218,10 +233,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-max-length", type=int, default=d.text_max_length, help="tokens per document")
     g.add_argument("--news-cache-dir", default=None,
                    help="embedding cache (default DATA_DIR/20newsgroups/cache when writable, else RUN_DIR)")
+
+
+def _flags_learning_rate_schedule(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g = p.add_argument_group("learning-rate schedule")
     g.add_argument("--lr-drop-to", type=float, default=None, help="learning rate that replaces --lr from --lr-drop-round")
     g.add_argument("--lr-drop-round", type=int, default=None,
                    help="first round that trains with --lr-drop-to (a schedule every peer knows in advance)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RunConfig()
+    p = _Parser(
+        prog="mar_fl.py",
+        description="MAR-FL: serverless federated learning with Moshpit All-Reduce over libp2p.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _flags_general_hardware(p, d)
+    _flags_moshpit_all_reduce(p, d)
+    _flags_training(p, d)
+    _flags_knowledge_distillation(p, d)
+    _flags_differential_privacy(p, d)
+    _flags_io_and_deployment(p, d)
+    _flags_checkpoints_and_clusters(p, d)
+    _flags_20_newsgroups(p, d)
+    _flags_learning_rate_schedule(p, d)
     return p
 
 
