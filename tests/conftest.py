@@ -11,13 +11,25 @@ sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore", category=FutureWarning)  # hivemind's torch.jit use at import
 
 os.environ["MARFL_OFFLINE"] = "1"  # tests never download
+# every process a test starts inherits this marker, so leak checks see our p2pds and not other sessions' runs
+TEST_MARKER = f"MARFL_TEST_SESSION={os.getpid()}-{os.urandom(4).hex()}"
+os.environ["MARFL_TEST_SESSION"] = TEST_MARKER.split("=", 1)[1]
 DATA_DIR = os.environ.get("MARFL_DATA_DIR", os.path.join(ROOT, "..", "shared", "data"))
 
 
+def _ours(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return TEST_MARKER.encode() + b"\0" in f.read()
+    except OSError:
+        return False
+
+
 def p2pd_pids() -> set:
-    """PIDs of every running p2pd (read-only: tests only ever kill processes they started themselves)."""
+    """PIDs of running p2pd daemons started by this test session (found by the inherited marker; read-only:
+    tests only ever kill processes they started themselves)."""
     out = subprocess.run(["pgrep", "-x", "p2pd"], capture_output=True, text=True).stdout
-    return {int(pid) for pid in out.split()}
+    return {int(pid) for pid in out.split() if _ours(int(pid))}
 
 
 def alive(pid: int) -> bool:
