@@ -38,7 +38,7 @@ def shm_usage(path: str = SHM_DIR) -> ShmUsage:
     return ShmUsage(used_bytes=(st.f_blocks - st.f_bfree) * st.f_frsize, total_bytes=st.f_blocks * st.f_frsize)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -115,7 +115,7 @@ class ShmWatchdog:
     def _observe(self) -> None:
         self.known_pids |= set(self.run_pids())
         for pid in self.known_pids:
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 for path in open_shm_paths(pid, self.shm_dir):
                     self.owned.setdefault(path, set()).add(pid)
         for name in os.listdir(self.shm_dir):
@@ -126,7 +126,7 @@ class ShmWatchdog:
     def _in_use(self) -> Set[str]:
         used: Set[str] = set()
         for pid in _all_pids():
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 used |= open_shm_paths(pid, self.shm_dir)
         return used
 
@@ -141,7 +141,7 @@ class ShmWatchdog:
             except FileNotFoundError:
                 self.owned.pop(path)
                 continue
-            if st.st_uid != os.getuid() or path in in_use or any(_pid_alive(pid) for pid in owners):
+            if st.st_uid != os.getuid() or path in in_use or any(pid_alive(pid) for pid in owners):
                 continue
             try:
                 os.unlink(path)

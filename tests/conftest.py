@@ -32,29 +32,9 @@ def p2pd_pids() -> set:
     return {int(pid) for pid in out.split() if _ours(int(pid))}
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def descendants(root: int) -> set:
-    """Every process below ``root`` (children, grandchildren, ...), read from /proc."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
+# process inspection is shared with the /dev/shm watchdog
+from shared_memory_handling import descendant_pids as descendants  # noqa: E402
+from shared_memory_handling import pid_alive as alive  # noqa: E402
 
 
 @pytest.fixture
