@@ -135,15 +135,6 @@ class PrivacyAccountant:
             return gaussian
         return dp_accounting.PoissonSampledDpEvent(self.sampling_rate, gaussian)
 
-    def library_epsilon(self, steps: int) -> float:
-        """The library's own answer for ``steps`` compositions (used to check the fast path)."""
-        from dp_accounting import rdp
-
-        _silence_absl()
-        accountant = rdp.RdpAccountant()
-        accountant.compose(self._event(), steps)
-        return float(accountant.get_epsilon(self.delta))
-
     def epsilon(self, steps: int) -> float:
         if steps <= 0:
             return 0.0

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from config_setup import ConfigError, RunConfig, config_from_json, parse_config, run_name, save_config
+from config_setup import ConfigError, RunConfig, config_from_json, parse_config, save_config
 
 logger = logging.getLogger("mar_fl")
 
@@ -802,7 +802,7 @@ def _check_device(cfg: RunConfig) -> None:
 
 
 def prepare_run_dir(cfg: RunConfig, *, primary: bool) -> str:
-    run_dir = cfg.run_dir or os.path.join("runs", f"{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = cfg.run_dir  # always set by parse_config (config_setup.default_run_dir)
     os.makedirs(run_dir, exist_ok=True)
     if primary:  # one writer on a shared file system; other hosts' configs differ only in their peer range
         save_config(dataclasses.replace(cfg, peer_range=None, initial_peers=None), os.path.join(run_dir, "config.json"))

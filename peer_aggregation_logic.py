@@ -32,7 +32,7 @@ class AggregationContext:
     weight: float = 1.0
     extra: Sequence[torch.Tensor] = ()  # averaged alongside the model (DP: smoothed deltas, indicator)
     local_batches: Optional[Callable[[int], List[Tuple]]] = None  # MAR step → distinct local batches (KD)
-    lr: Optional[float] = None  # this round's learning rate (KD trains with it)
+    lr: float = 0.0  # this round's learning rate (KD trains with it)
 
     @property
     def params(self) -> List[torch.nn.Parameter]:
@@ -82,7 +82,6 @@ class KdSettings:
     no_blending: bool
     use_all: bool
     private: bool  # DP on: KL term only
-    lr: float
     beta: float
 
 
@@ -137,7 +136,7 @@ class KnowledgeDistillation:
         chosen = select_teachers(scores, num_teachers(len(scores), use_all=self.settings.use_all))
         targets = [torch.stack([logits[p][i] for p in chosen]).mean(0) for i in range(len(batches))]
         distill(ctx.task, ctx.model, ctx.momentum, batches=batches, teacher_logits=targets, weights=weights,
-                lr=ctx.lr if ctx.lr is not None else self.settings.lr, beta=self.settings.beta)
+                lr=ctx.lr, beta=self.settings.beta)
         return len(chosen)
 
 
@@ -212,7 +211,7 @@ def make_aggregator(cfg: Any, *, initial_params: Sequence[torch.Tensor], kd_roun
     if cfg.kd:
         aggregator = KnowledgeDistillation(aggregator, KdSettings(
             rounds=kd_rounds, no_blending=cfg.kd_no_blending, use_all=cfg.kd_all_candidates, private=cfg.dp,
-            lr=cfg.learning_rate, beta=cfg.momentum))
+            beta=cfg.momentum))
     if cfg.dp:
         from differential_privacy import dp_params_from_config
 

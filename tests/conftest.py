@@ -33,7 +33,7 @@ def p2pd_pids() -> set:
 
 
 # process inspection is shared with the /dev/shm watchdog
-from shared_memory_handling import descendant_pids as descendants  # noqa: E402
+from shared_memory_handling import descendant_pids as descendants  # noqa: E402,F401 - used by tests
 from shared_memory_handling import pid_alive as alive  # noqa: E402
 
 

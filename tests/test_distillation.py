@@ -1,6 +1,5 @@
 """Knowledge distillation pieces (no network): λ schedule, K, teacher choice, scoring and one distillation."""
 import numpy as np
-import pytest
 import torch
 import torch.nn as nn
 
