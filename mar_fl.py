@@ -184,7 +184,7 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
 
         device = _pin_peer(cfg, index)
         options = NetworkOptions(initial_peers=initial_peers, host=cfg.host, announce_host=cfg.announce_host,
-                                 nat_port_map=cfg.nat_port_map, startup_timeout=cfg.startup_timeout)
+                                 nat_port_map=cfg.nat_port_map, startup_timeout=cfg.startup_timeout, prefix=prefix)
         network = PeerNetwork(options).start()
         run_peer(cfg, index=index, run_dir=run_dir, network=network, prefix=prefix, device=device,
                  prepared=prepared, resume_round=resume_round)
@@ -532,7 +532,7 @@ class Launcher:
         initial = parse_initial_peers(self.cfg.initial_peers, timeout=self.cfg.startup_timeout,
                                       attempt=self.allocation.attempt)
         options = NetworkOptions(initial_peers=initial, host=self.cfg.host, announce_host=self.cfg.announce_host,
-                                 nat_port_map=self.cfg.nat_port_map)
+                                 nat_port_map=self.cfg.nat_port_map, prefix=self.prefix)
         self.network = PeerNetwork(options).start()
         maddrs = self.network.visible_maddrs()
         if not initial:

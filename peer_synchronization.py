@@ -6,6 +6,11 @@ Three concerns live here, none of which touches tensors:
   ``(seed, round)``, so no coordinator has to tell anybody who takes part.
 * **Network runtime**: one libp2p daemon (``p2pd``) and one in-process Kademlia ``DHTNode`` per peer, driven
   by an asyncio loop on a background thread so that the training thread stays plain synchronous PyTorch.
+* **Addresses**: every node publishes where it listens (``{prefix}.addrs``, one subkey per peer id) and dials a
+  peer at a published address before it opens a stream to it. libp2p's own peer routing cannot be relied on
+  across hosts: its Kademlia tables drop addresses outside the public / private ranges it knows (e.g. the
+  test ranges of RFC 5737, or any address when only a bootstrap node was dialled), so a peer that knows only
+  the bootstrap node would never reach its group-mates on another host.
 * **Barriers**: one DHT key per barrier with one subkey per arrival, polled until everybody expected is there
   or the deadline passes; the caller learns who arrived.
 """
@@ -14,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Collection, Dict, FrozenSet, Iterable, List, Optional, Sequence, TypeVar
+from typing import Any, Awaitable, Collection, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -33,6 +39,13 @@ _SALT_UPDATE, _SALT_AGGREGATE, _SALT_DROPOUT = 1, 2, 3
 
 # hivemind's default (3 s) loses pings on an oversubscribed node (dozens of peers per core during start-up)
 DHT_RPC_TIMEOUT = 10.0
+
+
+# a known peer is dialled again at its published addresses after this long (connections can be pruned)
+REDIAL_AFTER = 60.0
+ADDRESS_REFRESH_MIN_INTERVAL = 1.0  # re-read the address records at most this often when a peer is unknown
+MAX_ADDRS_PER_PEER = 8
+MAX_MADDR_CHARS = 256
 
 
 class SyncError(RuntimeError):
@@ -127,6 +140,118 @@ def parse_initial_peers(value: Optional[str], *, timeout: float = 120.0, attempt
     return read_bootstrap_file(value, timeout=timeout, attempt=attempt)
 
 
+# ==================== addresses ====================
+
+
+def advertised_maddrs(listening: Sequence[str], *, announce_host: Optional[str] = None) -> List[str]:
+    """The multiaddrs other hosts should dial, from what the daemon listens on (``/ip4/A/tcp/P/p2p/ID``).
+
+    ``announce_host`` replaces the address (NAT, a cluster's high-speed interface). Otherwise loopback
+    addresses are dropped whenever the daemon also listens elsewhere: with ``--host 0.0.0.0`` the daemon lists
+    every interface, and another host that dials 127.0.0.1 reaches itself.
+    """
+    from hivemind.utils.multiaddr import Multiaddr
+
+    parsed = [Multiaddr(m) for m in listening]
+    if announce_host:
+        proto = "ip6" if ":" in announce_host else "ip4"
+        ports = sorted({port for port in (_component(m, "tcp") for m in parsed) if port})
+        ids = {pid for pid in (_component(m, "p2p") for m in parsed) if pid}
+        return [f"/{proto}/{announce_host}/tcp/{port}/p2p/{pid}" for port in ports for pid in sorted(ids)]
+    outside = [m for m in parsed if not _is_loopback(m)]
+    return [str(m) for m in (outside or parsed)]
+
+
+def _component(maddr, proto: str) -> Optional[str]:
+    try:
+        return maddr[proto]
+    except Exception:  # noqa: BLE001 - the multiaddr has no such part
+        return None
+
+
+def _is_loopback(maddr) -> bool:
+    import ipaddress
+
+    address = _component(maddr, "ip4") or _component(maddr, "ip6")
+    return address is not None and ipaddress.ip_address(address).is_loopback
+
+
+def parse_address_record(subkey: Any, value: Any) -> Optional[Tuple[bytes, List[Any]]]:
+    """``(peer id, dialable multiaddrs)`` from one address record, or None if it is malformed.
+
+    Strict: the value is a short list of short strings, each a multiaddr that ends in ``/p2p/<subkey>``, so a
+    record can only ever describe the peer id it is filed under.
+    """
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    if not isinstance(subkey, str) or not isinstance(value, (list, tuple)) or not value:
+        return None
+    if len(value) > MAX_ADDRS_PER_PEER or not all(isinstance(v, str) and len(v) <= MAX_MADDR_CHARS for v in value):
+        return None
+    try:
+        peer_id = PeerID.from_base58(subkey)
+        suffix = Multiaddr(f"/p2p/{subkey}")
+        maddrs = []
+        for text in value:
+            maddr = Multiaddr(text)
+            if maddr["p2p"] != subkey:
+                return None
+            maddrs.append(maddr.decapsulate(suffix))
+    except Exception:  # noqa: BLE001 - anything unparsable is simply not an address
+        return None
+    return peer_id.to_bytes(), maddrs
+
+
+class RoutedP2P:
+    """Mixin for hivemind's ``P2P``: dial a peer at its published addresses before talking to it.
+
+    Both ways hivemind talks to a peer (unary calls and streams) pass through here, so the DHT and the
+    averaging reach peers on other hosts alike. ``lookup(peer_id_bytes)`` returns the addresses (or an empty
+    list); it may refresh the address records first.
+    """
+
+    lookup: Any = None
+
+    def _routing_state(self) -> Dict[bytes, float]:
+        if not hasattr(self, "_dialled"):
+            self._dialled: Dict[bytes, float] = {}
+        return self._dialled
+
+    async def _ensure_route(self, peer_id) -> None:
+        dialled, key = self._routing_state(), peer_id.to_bytes()
+        last = dialled.get(key)
+        if self.lookup is None or key == self.peer_id.to_bytes() or (last and time.monotonic() - last < REDIAL_AFTER):
+            return
+        maddrs = await self.lookup(key)
+        if not maddrs:
+            return
+        try:
+            await asyncio.wait_for(self._client.connect(peer_id, maddrs), DHT_RPC_TIMEOUT)
+            dialled[key] = time.monotonic()
+        except Exception as e:  # noqa: BLE001 - the call itself will fail and say why
+            logger.debug("could not dial %s at %s: %r", peer_id, maddrs, e)
+
+    def _forget_route(self, peer_id) -> None:
+        self._routing_state().pop(peer_id.to_bytes(), None)
+
+    async def _call_unary_protobuf_handler(self, peer_id, *args, **kwargs):
+        await self._ensure_route(peer_id)
+        try:
+            return await super()._call_unary_protobuf_handler(peer_id, *args, **kwargs)
+        except Exception:
+            self._forget_route(peer_id)
+            raise
+
+    async def call_binary_stream_handler(self, peer_id, *args, **kwargs):
+        await self._ensure_route(peer_id)
+        try:
+            return await super().call_binary_stream_handler(peer_id, *args, **kwargs)
+        except Exception:
+            self._forget_route(peer_id)
+            raise
+
+
 # ==================== network runtime ====================
 
 
@@ -138,6 +263,8 @@ class NetworkOptions:
     announce_host: Optional[str] = None
     nat_port_map: bool = False  # p2pd's UPnP/NAT-PMP probing of the local router is opt-in (WAN runs only)
     startup_timeout: float = 60.0
+    prefix: str = "marfl"  # run scope of the address records
+    address_ttl: float = 600.0
 
 
 class PeerNetwork:
@@ -154,6 +281,9 @@ class PeerNetwork:
         self.p2p: Any = None
         self.dht: Any = None
         self._closed = False
+        self.addresses: Dict[bytes, List[Any]] = {}  # peer id -> dialable multiaddrs, from the address records
+        self._last_refresh = -math.inf
+        self._publisher: Optional[asyncio.Task] = None
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -173,11 +303,14 @@ class PeerNetwork:
         from hivemind.p2p import P2P
 
         opts = self.options
-        host_maddrs = [f"/ip4/{opts.host}/tcp/{opts.port}"]
-        announce = [f"/ip4/{opts.announce_host}/tcp/{opts.port}"] if opts.announce_host and opts.port else None
-        self.p2p = await P2P.create(
+        proto = "ip6" if ":" in opts.host else "ip4"
+        port = opts.port or (_free_port(opts.host) if opts.announce_host else 0)
+        announce = [f"/{'ip6' if ':' in opts.announce_host else 'ip4'}/{opts.announce_host}/tcp/{port}"] \
+            if opts.announce_host else None
+        p2p_cls = type("MarFlP2P", (RoutedP2P, P2P), {})
+        self.p2p = await p2p_cls.create(
             initial_peers=list(opts.initial_peers),
-            host_maddrs=host_maddrs,
+            host_maddrs=[f"/{proto}/{opts.host}/tcp/{port}"],
             announce_maddrs=announce,
             nat_port_map=opts.nat_port_map,
             use_relay=False,
@@ -193,7 +326,49 @@ class PeerNetwork:
             wait_timeout=DHT_RPC_TIMEOUT,
             ensure_bootstrap_success=False,  # checked below, with retries instead of one 3-second chance
         )
+        self.p2p.lookup = self._lookup_address
         await self._ensure_bootstrapped(time.monotonic() + opts.startup_timeout)
+        await self._publish_address()
+        self._publisher = asyncio.create_task(self._publish_address_forever())
+
+    # ---------- address records ----------
+
+    def address_key(self) -> str:
+        return f"{self.options.prefix}.addrs"
+
+    async def advertised(self) -> List[str]:
+        listening = [str(m) for m in await self.p2p.get_visible_maddrs(latest=True)]
+        return advertised_maddrs(listening, announce_host=self.options.announce_host)
+
+    async def _publish_address(self) -> None:
+        try:
+            await publish(self.dht, self.address_key(), self.p2p.peer_id.to_base58(), await self.advertised(),
+                          ttl=self.options.address_ttl)
+        except Exception as e:  # noqa: BLE001 - retried later; peers may still reach us via the bootstrap
+            logger.debug("address record not published: %r", e)
+
+    async def _publish_address_forever(self) -> None:
+        """Keep our address record fresh for as long as we run (it expires if we die)."""
+        while True:
+            await asyncio.sleep(min(30.0, self.options.address_ttl / 3))
+            await self._publish_address()
+
+    async def refresh_addresses(self) -> int:
+        """Read every node's address record; returns how many peers we can dial."""
+        self._last_refresh = time.monotonic()
+        for subkey, value in (await read_subkeys(self.dht, self.address_key())).items():
+            parsed = parse_address_record(subkey, value)
+            if parsed is not None:
+                self.addresses[parsed[0]] = parsed[1]
+        return len(self.addresses)
+
+    async def _lookup_address(self, peer_id: bytes) -> List[Any]:
+        if peer_id not in self.addresses and time.monotonic() - self._last_refresh >= ADDRESS_REFRESH_MIN_INTERVAL:
+            try:
+                await asyncio.wait_for(self.refresh_addresses(), DHT_RPC_TIMEOUT)
+            except Exception as e:  # noqa: BLE001 - the dial falls back to libp2p's own routing
+                logger.debug("address refresh failed: %r", e)
+        return self.addresses.get(peer_id, [])
 
     async def _ensure_bootstrapped(self, deadline: float) -> None:
         """Ping the initial peers until one answers: on a busy node the first ping may simply be late."""
@@ -226,8 +401,13 @@ class PeerNetwork:
             raise
 
     def visible_maddrs(self) -> List[str]:
-        maddrs = self.run(self.p2p.get_visible_maddrs(), timeout=30)
-        return [str(m) for m in maddrs]
+        """Where other hosts reach this node (what goes into ``bootstrap.json`` and the address records)."""
+        return self.run(self.advertised(), timeout=30)
+
+    def daemon_alive(self) -> bool:
+        """False once our ``p2pd`` has exited: nothing can be sent or received any more."""
+        child = getattr(self.p2p, "_child", None)
+        return child is not None and child.returncode is None
 
     def shutdown(self) -> None:
         """Stop the DHT node and the daemon; safe to call twice and from any exit path."""
@@ -244,6 +424,8 @@ class PeerNetwork:
         self.kill_daemon()
 
     async def _close(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
         if self.dht is not None:
             await asyncio.wait_for(self.dht.shutdown(), timeout=5)
         if self.p2p is not None:
@@ -270,6 +452,16 @@ class PeerNetwork:
                 except ChildProcessError:
                     return
                 time.sleep(0.05)
+
+
+def _free_port(host: str) -> int:
+    """A TCP port free on ``host`` now (p2pd must be told its port when it announces another address)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 # ==================== DHT barriers ====================

@@ -31,10 +31,11 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--die-in-step", type=int, default=None)
     p.add_argument("--compression", default="none")
+    p.add_argument("--host", default="127.0.0.1")
     args = p.parse_args()
     os.setpgrp()  # the test can then reap our p2pd even if we are SIGKILLed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    net = PeerNetwork(NetworkOptions(initial_peers=args.initial_peers.split(","))).start()
+    net = PeerNetwork(NetworkOptions(initial_peers=args.initial_peers.split(","), host=args.host, prefix="enginetest")).start()
     try:
         with open(args.out + ".pid", "w") as f:
             f.write(str(net.p2pd_pid))
