@@ -52,6 +52,7 @@ class RunConfig:
     compression: str = "none"
     matchmaking_timeout: float = 60.0
     allreduce_timeout: float = 30.0
+    max_failed_percent: float = 5.0  # a run whose failed MAR steps exceed this share ends "degraded"
     # training
     rounds: int = 500
     iteration_mode: str = "batches"
@@ -150,6 +151,9 @@ def _flags_moshpit_all_reduce(p: argparse.ArgumentParser, d: RunConfig) -> None:
                    help="seconds a group waits for missing members")
     g.add_argument("--allreduce-timeout", type=float, default=d.allreduce_timeout,
                    help="seconds of silence after which a member is dropped from an exchange")
+    g.add_argument("--max-failed-steps", dest="max_failed_percent", type=float, default=d.max_failed_percent,
+                   help="percent of MAR steps that may fail (values kept local) before the run counts as degraded "
+                        "(exit status 3)")
 
 
 def _flags_training(p: argparse.ArgumentParser, d: RunConfig) -> None:
@@ -305,6 +309,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.patience >= 0, f"--patience must be >= 0, got {cfg.patience}")
     _check(cfg.matchmaking_timeout > 0, "--matchmaking-timeout must be positive")
     _check(cfg.allreduce_timeout > 0, "--allreduce-timeout must be positive")
+    _check(0 <= cfg.max_failed_percent <= 100, f"--max-failed-steps must be in [0, 100], got {cfg.max_failed_percent:g}")
     _check(cfg.kd_dataset_passes >= 1, f"--ds must be at least 1, got {cfg.kd_dataset_passes}")
     _check(not (cfg.kd_no_blending or cfg.kd_all_candidates) or cfg.kd, "--nb and --ac need --kd")
     _check(cfg.ckpt_every >= 0, f"--ckpt-every must be >= 0, got {cfg.ckpt_every}")
@@ -375,7 +380,7 @@ def parse_config(argv: Optional[Sequence[str]] = None, *, env: Optional[Dict[str
 # flags a resumed run may change: where and how long it runs, not what it computes
 RESUMABLE = {"rounds", "max_runtime_hours", "wandb_mode", "wandb_project", "wandb_entity", "initial_peers",
              "peer_range", "host", "announce_host", "nat_port_map", "startup_timeout", "ckpt_every",
-             "shm_warn_percent", "data_dir", "matchmaking_timeout", "allreduce_timeout", "peers_per_core"}
+             "shm_warn_percent", "data_dir", "matchmaking_timeout", "allreduce_timeout", "peers_per_core", "max_failed_percent"}
 
 
 def _resume_config(parser: argparse.ArgumentParser, args: argparse.Namespace,

@@ -18,13 +18,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from config_setup import ConfigError, RunConfig, config_from_json, parse_config, save_config
 
 logger = logging.getLogger("mar_fl")
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 143
+EXIT_DEGRADED = 3  # finished, but averaging failed too often or a peer died: the figures are not the asked-for run
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: cut short by a time limit with every peer checkpointed; resume with --resume
 CHECKPOINTS_KEPT = 3
 TIMING_KEYS = ("round_seconds", "train_seconds", "aggregation_seconds", "elapsed_seconds")
@@ -249,6 +250,10 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
     saved = state.round_index
     with open(out_path, "a", buffering=1) as out:
         for round_index in range(state.round_index + 1, cfg.rounds + 1):
+            if not network.daemon_alive():
+                from moshpit_all_reduce import NetworkDown
+
+                raise NetworkDown(f"peer {index}: its p2pd has exited; it cannot average any more")
             if _stop_requested(network, prefix, state, round_index):
                 break
             out.write(json.dumps(_run_round(cfg, state, rt, round_index)) + "\n")
@@ -315,7 +320,8 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
         result = rt.aggregator.aggregate(ctx)
         record.update(result.metrics, bytes_sent=result.report.bytes_sent,
                       bytes_received=result.report.bytes_received, group_size=result.report.avg_group_size,
-                      failed_peers=sorted({p for s in result.report.steps for p in s.failed_peers}))
+                      failed_peers=sorted({p for s in result.report.steps for p in s.failed_peers}),
+                      mar_steps=len(result.report.steps), failed_steps=result.report.failed_steps)
     aggregated = time.time()
     # a run stopped for good is evaluated at its last round; a cut one is not (it resumes as if never cut)
     last_round = cfg.rounds if state.preempted else min(cfg.rounds, state.stop_after or cfg.rounds)
@@ -422,6 +428,8 @@ def summarize_round(records: Sequence[Dict[str, Any]], run_start: float) -> Dict
         "test_loss": sum(r["test_loss_sum"] for r in tested) / count if count else None,
         "participating_peers": len(aggregated),
         "reporting_peers": len(records),
+        "mar_steps": sum(r.get("mar_steps", 0) for r in aggregated),
+        "failed_steps": sum(r.get("failed_steps", 0) for r in aggregated),
         "bytes_sent_per_peer": mean([r["bytes_sent"] for r in aggregated]) or 0,
         "bytes_received_per_peer": mean([r["bytes_received"] for r in aggregated]) or 0,
         "avg_group_size": mean([r["group_size"] for r in aggregated]) or 0,
@@ -496,11 +504,33 @@ def status_line(row: Dict[str, Any], rounds: int) -> str:
     loss_txt = "—" if loss is None else f"{loss:.4f}"
     return (f"round {row['round']:>4}/{rounds} | acc {acc} | loss {loss_txt} | {row['round_seconds']:.2f} s | "
             f"{row['bytes_sent_per_peer'] / 1e6:.2f} MB sent | peers {row['participating_peers']}"
+            + (f" | FAILED steps {row['failed_steps']}/{row['mar_steps']}" if row.get("failed_steps") else "")
             + (f" | KD λ {row['kd_lambda']:.2f}" if "kd_lambda" in row else "")
             + (f" | ε {row['dp_epsilon']:.2f} (groupmate {row['dp_epsilon_groupmate']:.3g})" if "dp_epsilon" in row else ""))
 
 
 # ==================== launcher ====================
+
+
+def failed_step_share(history: Sequence[Dict[str, Any]]) -> Tuple[int, int]:
+    """(failed, total) MAR steps over a run's rows, counted per peer and step."""
+    return (sum(r.get("failed_steps", 0) for r in history), sum(r.get("mar_steps", 0) for r in history))
+
+
+def run_outcome(*, peer_codes: Dict[int, Optional[int]], history: Optional[Sequence[Dict[str, Any]]],
+                max_failed_percent: float, preempted: bool) -> Tuple[str, int]:
+    """The run's status and exit code from what its peers and rows say (a pure decision).
+
+    ``failed``: no local peer finished; ``degraded``: it finished, but a peer died or more than
+    ``max_failed_percent`` of the MAR steps kept local values (``history`` None: not judged on this host).
+    """
+    codes = list(peer_codes.values())
+    if codes and all(c != 0 for c in codes):
+        return "failed", EXIT_FAILED
+    failed, total = failed_step_share(history or [])
+    if any(c != 0 for c in codes) or (total and 100.0 * failed / total > max_failed_percent):
+        return "degraded", EXIT_DEGRADED
+    return ("preempted", EXIT_PREEMPTED) if preempted else ("completed", 0)
 
 
 class Launcher:
@@ -523,6 +553,7 @@ class Launcher:
         self.stopping = False
         self.wandb = None
         self.history: List[Dict[str, Any]] = []
+        self.failed_peers: Dict[int, int] = {}
         self.best_loss, self.best_loss_round = math.inf, 0
         self.started = time.time()
 
@@ -613,10 +644,11 @@ class Launcher:
             if self.primary:
                 self._emit(collector.poll(final=True), metrics, collector)
         codes = {i: p.exitcode for i, p in self.procs.items()}
-        failed = {i: c for i, c in codes.items() if c != 0}
-        if failed:
-            logger.error("peers exited with errors: %s (see %s/logs)", failed, self.run_dir)
-        return EXIT_FAILED if failed else (EXIT_PREEMPTED if self.preempted else 0)
+        self.failed_peers = {i: c for i, c in codes.items() if c != 0}
+        if self.failed_peers:
+            logger.error("peers exited with errors: %s (see %s/logs)", self.failed_peers, self.run_dir)
+        return run_outcome(peer_codes=codes, history=self.history if self.primary else None,
+                           max_failed_percent=self.cfg.max_failed_percent, preempted=self.preempted)[1]
 
     def _continue_history(self, collector: MetricsCollector) -> None:
         """On resume: metrics and stop rules continue from the checkpointed round, as if never cut."""
@@ -690,6 +722,7 @@ class Launcher:
 
     def write_summary(self, status: str) -> Dict[str, Any]:
         tested = [r for r in self.history if r["test_accuracy"] is not None]
+        failed, total = failed_step_share(self.history)
         target = self.cfg.target_accuracy
         hit = next((r for r in tested if target > 0 and r["test_accuracy"] >= target), None)
         summary = {
@@ -703,6 +736,8 @@ class Launcher:
             "seconds_to_target": hit["elapsed_seconds"] if hit else None,
             "median_round_seconds": _median([r["round_seconds"] for r in self.history]),
             "mean_bytes_sent_per_peer": _mean([r["bytes_sent_per_peer"] for r in self.history]),
+            "failed_steps": failed, "mar_steps": total,
+            "failed_peers": sorted(self.failed_peers),
             "resumed_from_round": self.resume_round or None,
             "shm_segments_removed": len(self.watchdog.removed) if self.watchdog else 0,
         }
@@ -849,7 +884,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         print(f"MAR-FL run dir: {run_dir}", flush=True)
         code = launcher.run()
-        status = {0: "completed", EXIT_PREEMPTED: "preempted"}.get(code, "failed")
+        status = {0: "completed", EXIT_PREEMPTED: "preempted", EXIT_DEGRADED: "degraded"}.get(code, "failed")
     except PeerStopped:
         status, code = "interrupted", EXIT_INTERRUPTED
         print("interrupted: stopping all peers", file=sys.stderr, flush=True)
@@ -864,6 +899,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             summary = launcher.write_summary(status)
             print(f"done ({status}): best {summary['best_test_accuracy']}, final {summary['final_test_accuracy']}, "
                   f"{summary['rounds']} rounds, {summary['wall_seconds']:.0f} s", flush=True)
+            if summary["failed_steps"] or summary["failed_peers"]:
+                print(f"averaging: {summary['failed_steps']} of {summary['mar_steps']} MAR steps failed (values kept "
+                      f"local); peers that died: {summary['failed_peers'] or 'none'} (see {run_dir}/logs)", flush=True)
             if status == "preempted":
                 print(f"every peer checkpointed round {summary['rounds']}; continue with: "
                       f"python mar_fl.py --resume {run_dir}", flush=True)

@@ -57,6 +57,10 @@ class AveragingError(RuntimeError):
     """An all-reduce could not be run at all (as opposed to a member failing, which is tolerated)."""
 
 
+class NetworkDown(AveragingError):
+    """This peer's own ``p2pd`` is gone: nothing can be averaged any more, so the peer must stop, not go on alone."""
+
+
 # ==================== group keys (pure) ====================
 
 
@@ -143,6 +147,8 @@ class StepReport:
     seconds: float = 0.0
     matchmaking_seconds: float = 0.0
     failed_peers: Tuple[int, ...] = ()
+    failed: bool = False  # this peer kept (some of) its local values: the step did not average as scheduled
+    reason: str = ""
 
 
 @dataclass
@@ -376,7 +382,7 @@ class MoshpitAverager:
     def _peer_ids(self, members: Sequence[_Member]):
         return [PeerID(m.peer_id) for m in members]
 
-    async def _allreduce(self, key, members, tensors, weight, traffic) -> Tuple[int, ...]:
+    async def _allreduce(self, key, members, tensors, weight, traffic) -> Tuple[Tuple[int, ...], int]:
         group_id = self._group_id(key)
         timeout = self.options.allreduce_timeout
         runner = self._runner_cls(
@@ -408,7 +414,7 @@ class MoshpitAverager:
         lost = tuple(m.index for m in members if m.peer_id in banned)
         if failed:
             logger.warning("group %s: %d values kept local after a reducer failed", key, failed)
-        return lost
+        return lost, failed
 
     async def _gather(self, key, members, tensors, traffic) -> Dict[int, List[torch.Tensor]]:
         group_id = self._group_id(key)
@@ -461,12 +467,17 @@ class MoshpitAverager:
         indices = tuple(m.index for m in members)
         report = StepReport(members=indices, rank=indices.index(self.options.index))
         payload: Any = {}
-        if len(members) > 1:
-            if gather:
-                payload = await self._gather(key, members, tensors, traffic)
-                report.failed_peers = tuple(m for m in indices if m != self.options.index and m not in payload)
-            else:
-                report.failed_peers = await self._allreduce(key, members, tensors, weight, traffic)
+        if len(members) == 1 and len(expected) > 1:
+            report.failed, report.reason = True, "no group-mate joined"
+        elif len(members) > 1 and gather:
+            payload = await self._gather(key, members, tensors, traffic)
+            report.failed_peers = tuple(m for m in indices if m != self.options.index and m not in payload)
+            if not payload:
+                report.failed, report.reason = True, "no group-mate's tensors arrived"
+        elif len(members) > 1:
+            report.failed_peers, kept = await self._allreduce(key, members, tensors, weight, traffic)
+            if kept:
+                report.failed, report.reason = True, f"{kept} values kept local"
         report.bytes_sent, report.bytes_received = traffic.sent, traffic.received
         report.matchmaking_seconds = matched - started
         report.seconds = time.monotonic() - started
@@ -475,15 +486,14 @@ class MoshpitAverager:
     def average(
         self, tensors: Sequence[torch.Tensor], *, key: str, expected: FrozenSet[int], weight: float = 1.0
     ) -> StepReport:
-        """Average ``tensors`` in place with whoever joins group ``key``; returns who took part and the traffic."""
-        flat = [t.data if t.is_contiguous() else t.data.contiguous() for t in tensors]
-        staged = [t.detach().cpu() if t.device.type != "cpu" else t for t in flat]
-        report, _ = self.network.run(
-            self._step(key=key, expected=expected, tensors=staged, weight=weight, gather=False),
-            timeout=self._step_timeout(),
-        )
-        for target, source in zip(tensors, staged):
-            if target.data_ptr() != source.data_ptr():
+        """Average ``tensors`` in place with whoever joins group ``key``; returns who took part and the traffic.
+
+        The exchange works on a copy: if the step fails as a whole the tensors keep their local values.
+        """
+        staged = [t.detach().to("cpu", copy=True).contiguous() for t in tensors]
+        report, _ = self._run_step(key=key, expected=expected, tensors=staged, weight=weight, gather=False)
+        if not report.reason.startswith("step aborted"):
+            for target, source in zip(tensors, staged):
                 target.data.copy_(source.view_as(target))
         return report
 
@@ -491,11 +501,24 @@ class MoshpitAverager:
         self, tensors: Sequence[torch.Tensor], *, key: str, expected: FrozenSet[int]
     ) -> Tuple[StepReport, Dict[int, List[torch.Tensor]]]:
         """Fetch every groupmate's full tensors (CPU copies) for callers that need more than the mean."""
-        report, payload = self.network.run(
-            self._step(key=f"{key}.gather", expected=expected, tensors=list(tensors), weight=1.0, gather=True),
-            timeout=self._step_timeout(),
-        )
-        return report, payload
+        return self._run_step(key=f"{key}.gather", expected=expected, tensors=list(tensors), weight=1.0, gather=True)
+
+    def _run_step(self, *, key, expected, tensors, weight, gather) -> Tuple[StepReport, Any]:
+        """One step with a deadline; a step that raises is reported as failed and leaves the tensors alone."""
+        if not self.network.daemon_alive():
+            raise NetworkDown("this peer's p2pd has exited")
+        try:
+            return self.network.run(
+                self._step(key=key, expected=expected, tensors=tensors, weight=weight, gather=gather),
+                timeout=self._step_timeout(),
+            )
+        except (AveragingError, TimeoutError, OSError, RuntimeError, ValueError) as e:
+            if not self.network.daemon_alive():
+                raise NetworkDown("this peer's p2pd has exited") from e
+            logger.warning("group %s: step aborted, local values kept: %r", key, e)
+            me = self.options.index
+            rank = sorted(expected | {me}).index(me)  # keeps this peer on its scheduled path through the groups
+            return StepReport(members=(me,), rank=rank, failed=True, reason=f"step aborted: {e!r}"), {}
 
     def _step_timeout(self) -> float:
         opts = self.options
@@ -545,6 +568,10 @@ class MarReport:
     @property
     def seconds(self) -> float:
         return sum(s.seconds for s in self.steps)
+
+    @property
+    def failed_steps(self) -> int:
+        return sum(1 for s in self.steps if s.failed)
 
     @property
     def avg_group_size(self) -> float:
