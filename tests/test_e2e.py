@@ -167,3 +167,22 @@ def test_kd_and_dp_runs_complete_and_log_their_keys(tmp_path, data_dir, no_new_p
         assert all(r["dp_epsilon_groupmate"] > r["dp_epsilon"] for r in rows)
         assert rows[0]["dp_clip_threshold"] == 0.5 and rows[1]["dp_clip_threshold"] != 0.5
     assert rows[-1]["test_accuracy"] is not None
+
+
+def test_run_whose_averaging_fails_ends_degraded(tmp_path, data_dir, no_new_p2pd):
+    """A peer's p2pd is killed: that peer notices and stops, its group-mates' steps fail (values kept local),
+    and the run says so in the status lines, metrics and summary, and exits 3 instead of 'completed'."""
+    run_dir = tmp_path / "degraded"
+    proc = launch(run_dir, data_dir, "--matchmaking-timeout", "5", "--allreduce-timeout", "5", "--tf", "1",
+                  rounds=4)
+    wait_for_first_round(run_dir)
+    daemons = [pid for pid in descendants(proc.pid) if open(f"/proc/{pid}/comm").read().strip() == "p2pd"]
+    victim = max(daemons)  # a peer's daemon (the launcher's own one starts first)
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 3, err[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "degraded" and len(summary["failed_peers"]) == 1
+    rows = read_metrics(run_dir)
+    assert sum(r["failed_steps"] for r in rows) > 0 and summary["failed_steps"] == sum(r["failed_steps"] for r in rows)
+    assert "FAILED steps" in out and "done (degraded)" in out
