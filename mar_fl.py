@@ -13,6 +13,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import re
 import signal
 import sys
 import threading
@@ -330,73 +331,167 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
 # ==================== checkpoints ====================
 
 
+CHECKPOINT_NAME = re.compile(r"round_(\d{6,})\.pt")
+PEER_FOLDER_NAME = re.compile(r"peer_(\d{4,})")
+
+
 def checkpoint_path(run_dir: str, index: int, round_index: int) -> str:
     return os.path.join(run_dir, "checkpoints", f"peer_{index:04d}", f"round_{round_index:06d}.pt")
 
 
+def digest_path(path: str) -> str:
+    """The sidecar written next to each checkpoint once it is complete: its size and sha256."""
+    return f"{path}.sha256"
+
+
 def checkpoint_rounds(run_dir: str, index: int) -> List[int]:
-    folder = os.path.dirname(checkpoint_path(run_dir, index, 0))
+    """Rounds that peer ``index`` has a checkpoint file of (intact or not); other names are ignored."""
     try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
+        names = os.listdir(os.path.dirname(checkpoint_path(run_dir, index, 0)))
+    except OSError:
         return []
-    return sorted(int(n[6:12]) for n in names if n.startswith("round_") and n.endswith(".pt"))
+    return sorted(int(m.group(1)) for m in map(CHECKPOINT_NAME.fullmatch, names) if m)
+
+
+def _file_digest(path: str) -> Dict[str, Any]:
+    import hashlib
+
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return {"size": os.path.getsize(path), "sha256": sha.hexdigest()}
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why the checkpoint at ``path`` cannot be resumed from (None: it is intact, as its sidecar says)."""
+    try:
+        with open(digest_path(path)) as f:
+            expected = json.load(f)
+    except FileNotFoundError:
+        return "has no .sha256 sidecar (incomplete, or written by an older MAR-FL: those cannot be resumed)"
+    except (OSError, ValueError):
+        return "has a damaged .sha256 sidecar"
+    try:
+        actual = _file_digest(path)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    return None if actual == expected else "differs from what was written (truncated or damaged)"
 
 
 def common_checkpoint_round(run_dir: str, num_peers: int) -> int:
-    """The last round that every peer checkpointed (0: none), i.e. where a resumed run continues."""
-    common = None
-    for index in range(num_peers):
-        rounds = set(checkpoint_rounds(run_dir, index))
-        common = rounds if common is None else common & rounds
-    return max(common or {0})
+    """The newest round of which every peer has an intact checkpoint (0: none): where a resumed run continues.
+    A damaged candidate is reported and passed over for an older round."""
+    shared = set.intersection(*(set(checkpoint_rounds(run_dir, index)) for index in range(num_peers)))
+    for round_index in sorted(shared, reverse=True):
+        problems = ((index, checkpoint_problem(checkpoint_path(run_dir, index, round_index)))
+                    for index in range(num_peers))
+        bad = next(((index, problem) for index, problem in problems if problem), None)
+        if bad is None:
+            return round_index
+        logger.warning("round %d cannot be resumed: %s %s; trying an older round", round_index,
+                       checkpoint_path(run_dir, bad[0], round_index), bad[1])
+    return 0
 
 
-def save_checkpoint(run_dir: str, state: PeerState, aggregator) -> int:
-    """Everything the next round depends on, written atomically (tmp, fsync, rename); keeps the last few."""
+def _newest_shared_round(run_dir: str, rounds: Sequence[int]) -> Optional[int]:
+    """The newest of ``rounds`` that every peer with a checkpoint folder has a complete checkpoint of."""
+    try:
+        peers = [int(m.group(1)) for m in map(PEER_FOLDER_NAME.fullmatch, os.listdir(os.path.join(run_dir, "checkpoints")))
+                 if m]
+    except OSError:
+        return None
+    for round_index in sorted(rounds, reverse=True):
+        if all(os.path.exists(digest_path(checkpoint_path(run_dir, i, round_index))) for i in peers):
+            return round_index
+    return None
+
+
+def _prune_checkpoints(run_dir: str, index: int) -> None:
+    """Keep this peer's newest few checkpoints, and the newest round every peer has: with one peer dead
+    early, that round is the only one a resume can continue from."""
+    rounds = checkpoint_rounds(run_dir, index)
+    keep = set(rounds[-CHECKPOINTS_KEPT:]) | {_newest_shared_round(run_dir, rounds)}
+    for old in (r for r in rounds if r not in keep):
+        path = checkpoint_path(run_dir, index, old)
+        for name in (digest_path(path), path):
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+
+
+def _write_atomically(path: str, write) -> None:
+    """``write(f)`` into ``path.tmp``, fsync, rename: readers see the old file or the complete new one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state() -> Dict[str, Any]:
+    """Every RNG's state in types ``torch.load(weights_only=True)`` accepts (numpy's array becomes a tensor)."""
     import random
 
     import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def _set_rng_state(rng: Dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    numpy = rng["numpy"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def save_checkpoint(run_dir: str, state: PeerState, aggregator) -> int:
+    """Everything the next round depends on, written atomically with a size + sha256 sidecar (a checkpoint
+    without one is incomplete); keeps the last few. Only tensors and plain values: it loads weights-only."""
     import torch
 
     path = checkpoint_path(run_dir, state.index, state.round_index)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     payload = {
         "round": state.round_index, "model": state.model.state_dict(), "momentum": list(state.momentum),
-        "order": {"epoch": state.order.epoch, "cursor": state.order.cursor},
-        "aggregator": aggregator.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None},
+        "order": {"epoch": int(state.order.epoch), "cursor": int(state.order.cursor)},
+        "aggregator": aggregator.state_dict(), "rng": _rng_state(),
     }
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    for old in checkpoint_rounds(run_dir, state.index)[:-CHECKPOINTS_KEPT]:
-        os.unlink(checkpoint_path(run_dir, state.index, old))
+    if os.path.exists(digest_path(path)):
+        os.unlink(digest_path(path))  # a round run again: its old sidecar must not vouch for the new file
+    _write_atomically(path, lambda f: torch.save(payload, f))
+    digest = json.dumps(_file_digest(path)).encode()
+    _write_atomically(digest_path(path), lambda f: f.write(digest))
+    _prune_checkpoints(run_dir, state.index)
     return state.round_index
 
 
 def load_checkpoint(path: str, state: PeerState, aggregator, *, device: str) -> None:
-    import random
-
-    import numpy as np
+    """Restore a peer from ``path``; ``weights_only``: a checkpoint folder others can write runs no code here."""
     import torch
 
-    payload = torch.load(path, map_location=device, weights_only=False)  # our own file, written above
+    payload = torch.load(path, map_location=device, weights_only=True)
     state.model.load_state_dict(payload["model"])
     for target, source in zip(state.momentum, payload["momentum"]):
         target.copy_(source)
     state.order.epoch, state.order.cursor, state.order._perm = payload["order"]["epoch"], payload["order"]["cursor"], None
     aggregator.load_state_dict(payload["aggregator"])
-    rng = payload["rng"]
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    _set_rng_state(payload["rng"])
     state.round_index = payload["round"]
     logger.info("peer %d resumed from %s", state.index, path)
 
