@@ -19,9 +19,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from config_setup import ConfigError, RunConfig, config_from_json, parse_config, save_config
+from config_setup import ConfigError, RunConfig, check_paths, config_from_json, parse_config, save_config
 
 logger = logging.getLogger("mar_fl")
 
@@ -34,6 +34,11 @@ _PRELOAD = ["torch", "torchvision", "hivemind", "ml_tasks", "moshpit_all_reduce"
 # per-round keys that only KD / DP runs log: pooled as the mean over aggregating peers, ε as the worst peer's
 MEAN_KEYS = ("kd_lambda", "kd_teachers", "dp_clip_threshold", "dp_update_norm")
 MAX_KEYS = ("dp_epsilon", "dp_epsilon_groupmate")
+PEER_FILE_NAME = re.compile(r"peer_(\d{4,})\.jsonl")
+# what the launcher reads from a peer's record and from a metrics row on resume; rows without them are skipped
+PEER_RECORD_KEYS = ("t_start", "t_end", "round_seconds", "train_seconds", "aggregation_seconds")
+METRICS_ROW_KEYS = ("train_loss", "test_loss", "test_accuracy", "elapsed_seconds", "round_seconds",
+                    "bytes_sent_per_peer")
 
 
 class PeerStopped(SystemExit):
@@ -540,7 +545,8 @@ class MetricsCollector:
     run_dir: str
     num_peers: int
     stale_after: float = 300.0
-    offsets: Dict[str, int] = field(default_factory=dict)
+    offsets: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # path -> (bytes read, lines read)
+    ignored: Set[str] = field(default_factory=set)  # names in peers/ that are no peer's file (warned once)
     pending: Dict[int, List[Dict[str, Any]]] = field(default_factory=dict)
     first_seen: Dict[int, float] = field(default_factory=dict)
     next_round: int = 1
@@ -550,16 +556,47 @@ class MetricsCollector:
     elapsed_offset: float = 0.0  # a resumed run's clock continues from its checkpointed round
 
     def _read_new(self) -> None:
+        for index, path in self._peer_files():
+            for number, line in self._new_lines(path):
+                rec = parse_row(line)
+                if rec is None or not is_peer_record(rec, index):
+                    logger.warning("skipping a damaged line in %s (line %d)", path, number)
+                    continue
+                self._add(rec)
+
+    def _peer_files(self) -> List[Tuple[int, str]]:
+        """``peers/peer_NNNN.jsonl`` of this run's peers; anything else there is reported once and left alone."""
         folder = os.path.join(self.run_dir, "peers")
-        for name in sorted(os.listdir(folder)):
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            return []
+        files = []
+        for name in names:
+            match = PEER_FILE_NAME.fullmatch(name)
             path = os.path.join(folder, name)
-            with open(path) as f:
-                f.seek(self.offsets.get(name, 0))
+            if match and int(match.group(1)) < self.num_peers and os.path.isfile(path):
+                files.append((int(match.group(1)), path))
+            elif name not in self.ignored:
+                self.ignored.add(name)
+                logger.warning("ignoring %s: not the record file of one of the run's %d peers", path, self.num_peers)
+        return files
+
+    def _new_lines(self, path: str) -> List[Tuple[int, bytes]]:
+        """The complete lines appended since the last poll (a peer may be mid-line), numbered from 1."""
+        offset, number = self.offsets.get(path, (0, 0))
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < offset:  # rewritten since (a resume cut it): read it again
+                    offset, number = 0, 0
+                f.seek(offset)
                 chunk = f.read()
-            complete = chunk[: chunk.rfind("\n") + 1]  # a peer may be mid-line
-            self.offsets[name] = self.offsets.get(name, 0) + len(complete.encode())
-            for line in complete.splitlines():
-                self._add(json.loads(line))
+        except OSError as e:
+            logger.warning("cannot read %s: %s", path, e.strerror)
+            return []
+        lines = chunk[: chunk.rfind(b"\n") + 1].splitlines()
+        self.offsets[path] = (offset + sum(len(line) + 1 for line in lines), number + len(lines))
+        return list(enumerate(lines, number + 1))
 
     def _add(self, rec: Dict[str, Any]) -> None:
         if rec["round"] < self.next_round:
@@ -669,8 +706,8 @@ class Launcher:
                 with open(path, "rb") as f:
                     f.seek(max(0, os.path.getsize(path) - 65536))
                     lines = f.read().splitlines()
-                newest = max([newest] + [json.loads(line)["round"] for line in lines[-2:] if line.endswith(b"}")])
-            except (OSError, ValueError, KeyError):
+                newest = max([newest] + [row["round"] for row in map(parse_row, lines[-2:]) if row])
+            except OSError:
                 continue
         return max(newest, self.resume_round)
 
@@ -717,7 +754,7 @@ class Launcher:
         """On resume: metrics and stop rules continue from the checkpointed round, as if never cut."""
         if not self.resume_round:
             return
-        self.history = read_jsonl(os.path.join(self.run_dir, "metrics.jsonl"))
+        self.history = read_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), required=METRICS_ROW_KEYS)
         collector.next_round = collector.first_round = self.resume_round + 1
         collector.elapsed_offset = self.history[-1]["elapsed_seconds"] if self.history else 0.0
         for row in self.history:
@@ -853,34 +890,98 @@ def _mean(xs: Sequence[float]) -> Optional[float]:
     return sum(xs) / len(xs) if xs else None
 
 
-def read_jsonl(path: str) -> List[Dict[str, Any]]:
+def parse_row(line) -> Optional[Dict[str, Any]]:
+    """One jsonl line as a row: a JSON object with a positive integer ``round``; None for anything else."""
     try:
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.endswith("\n")]
+        row = json.loads(line)
+    except ValueError:  # also a line that is not UTF-8
+        return None
+    return row if isinstance(row, dict) and type(row.get("round")) is int and row["round"] >= 1 else None
+
+
+def is_peer_record(rec: Dict[str, Any], index: int) -> bool:
+    """A row of ``peers/peer_{index}.jsonl`` that the launcher can pool (see ``_run_round``)."""
+    return rec.get("peer") == index and all(type(rec.get(key)) in (int, float) for key in PEER_RECORD_KEYS)
+
+
+def _lines(path: str) -> Tuple[List[bytes], bytes]:
+    """A file's complete lines (each with its newline) and what follows the last newline (an unfinished line)."""
+    with open(path, "rb") as f:
+        *lines, tail = f.read().split(b"\n")
+    return [line + b"\n" for line in lines], tail
+
+
+def read_jsonl(path: str, required: Sequence[str] = ()) -> List[Dict[str, Any]]:
+    """The rows of a jsonl file. A damaged line, or a row without a ``required`` key, is skipped with a
+    warning; an unfinished last line silently (its writer may be mid-line)."""
+    try:
+        lines, _ = _lines(path)
     except FileNotFoundError:
         return []
+    rows = []
+    for number, line in enumerate(lines, 1):
+        row = parse_row(line)
+        if row is not None and all(key in row for key in required):
+            rows.append(row)
+        elif line.strip():
+            logger.warning("skipping a damaged line in %s (line %d)", path, number)
+    return rows
 
 
-def truncate_jsonl(path: str, last_round: int) -> None:
-    """Keep the rows of rounds ≤ ``last_round`` (atomically): a resumed run appends from there, no duplicates."""
-    if not os.path.exists(path):
-        return
-    rows = [row for row in read_jsonl(path) if row["round"] <= last_round]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(tmp, path)
+def cut_jsonl(path: str, last_round: int, aside: str) -> int:
+    """Keep only the rows of rounds ≤ ``last_round`` in ``path``; every other line (later rounds, damaged or
+    unfinished lines) is written to ``aside`` first, so nothing is lost. Returns how many lines moved."""
+    try:
+        lines, tail = _lines(path)
+    except FileNotFoundError:
+        return 0
+    keep, move = [], []
+    for line in lines:
+        row = parse_row(line)
+        (keep if row is not None and row["round"] <= last_round else move).append(line)
+    move += [tail + b"\n"] if tail else []
+    if move:
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        _write_atomically(aside, lambda f: f.writelines(move))  # on disk before anything is cut
+        _write_atomically(path, lambda f: f.writelines(keep))
+    return len(move)
+
+
+def _move_later_checkpoints(run_dir: str, peers: Sequence[int], last_round: int, aside: str) -> int:
+    """Move this host's checkpoints of rounds after ``last_round`` aside: a resumed run must never mix them
+    with the rounds it runs again. Returns how many moved."""
+    moved = 0
+    for index in peers:
+        for round_index in (r for r in checkpoint_rounds(run_dir, index) if r > last_round):
+            path = checkpoint_path(run_dir, index, round_index)
+            target = os.path.join(aside, os.path.relpath(path, run_dir))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            for source in (digest_path(path), path):
+                if os.path.exists(source):
+                    os.replace(source, os.path.join(os.path.dirname(target), os.path.basename(source)))
+            moved += 1
+    return moved
 
 
 def prepare_resume(cfg: RunConfig, run_dir: str, *, primary: bool) -> int:
-    """The round a resumed run continues after; this host's files are cut back to it."""
+    """The round a resumed run continues after: the newest one every peer has an intact checkpoint of.
+
+    What this host's files hold beyond it (later rows, damaged lines, later checkpoints) is moved to
+    ``RUN_DIR/moved_aside/after-rNNNNNN-<time>-<pid>/`` under its own relative path, never deleted.
+    """
     resume_round = common_checkpoint_round(run_dir, cfg.num_peers)
     if resume_round == 0:
-        logger.warning("no round was checkpointed by every peer in %s: starting from round 1", run_dir)
-    for index in cfg.local_peers():
-        truncate_jsonl(os.path.join(run_dir, "peers", f"peer_{index:04d}.jsonl"), resume_round)
-    if primary:
-        truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), resume_round)
+        logger.warning("no round has an intact checkpoint from every peer in %s: starting again from round 1 "
+                       "(earlier results are moved aside, not deleted)", run_dir)
+    aside = os.path.join(run_dir, "moved_aside",
+                         f"after-r{resume_round:06d}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    files = [os.path.join("peers", f"peer_{index:04d}.jsonl") for index in cfg.local_peers()]
+    files += ["metrics.jsonl"] if primary else []
+    lines = sum(cut_jsonl(os.path.join(run_dir, name), resume_round, os.path.join(aside, name)) for name in files)
+    checkpoints = _move_later_checkpoints(run_dir, cfg.local_peers(), resume_round, aside)
+    if lines or checkpoints:
+        logger.warning("moved %d lines and %d checkpoints from after round %d to %s", lines, checkpoints,
+                       resume_round, aside)
     print(f"resuming {run_dir} after round {resume_round}", flush=True)
     return resume_round
 
@@ -898,10 +999,45 @@ def _check_device(cfg: RunConfig) -> None:
 
 def prepare_run_dir(cfg: RunConfig, *, primary: bool) -> str:
     run_dir = cfg.run_dir  # always set by parse_config (config_setup.default_run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    if primary:  # one writer on a shared file system; other hosts' configs differ only in their peer range
-        save_config(dataclasses.replace(cfg, peer_range=None, initial_peers=None), os.path.join(run_dir, "config.json"))
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        if primary:  # one writer on a shared file system; other hosts' configs differ only in their peer range
+            save_config(dataclasses.replace(cfg, peer_range=None, initial_peers=None),
+                        os.path.join(run_dir, "config.json"))
+    except OSError as e:
+        raise ConfigError(f"--run-dir {run_dir}: {e.strerror or e}") from None
     return run_dir
+
+
+def _wait_for_bootstrap(cfg: RunConfig) -> None:
+    """A launcher that joins through node 0's bootstrap file waits for it here, before anything starts."""
+    from config_setup import read_allocation
+    from peer_synchronization import SyncError, multiaddrs_in, parse_initial_peers
+
+    if cfg.initial_peers and multiaddrs_in(cfg.initial_peers) is None:
+        try:
+            parse_initial_peers(cfg.initial_peers, timeout=cfg.startup_timeout, attempt=read_allocation().attempt)
+        except SyncError as e:
+            raise ConfigError(f"--initial-peers: {e}") from None
+
+
+def _pre_start(argv: Optional[Sequence[str]]):
+    """Everything that can refuse the command line, in order, before any peer or daemon starts: the flags, the
+    device, the paths, the data, the run dir, node 0's bootstrap file, the resume point. ConfigError/DataError."""
+    from ml_tasks import get_task
+
+    cfg = parse_config(argv)
+    _check_device(cfg)
+    check_paths(cfg)
+    prepared = get_task(cfg.task).prepare(cfg, cfg.run_dir)  # before peers spawn: they only load its result
+    primary = cfg.peer_range is None or cfg.peer_range[0] == 0
+    run_dir = prepare_run_dir(cfg, primary=primary)
+    _wait_for_bootstrap(cfg)
+    try:
+        resume_round = prepare_resume(cfg, run_dir, primary=primary) if cfg.resume else 0
+    except OSError as e:
+        raise ConfigError(f"--resume {run_dir}: cannot move earlier results aside ({e})") from None
+    return cfg, run_dir, prepared, primary, resume_round
 
 
 def _setup_console_logging() -> None:
@@ -916,19 +1052,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # hivemind scripts a function with torch.jit at import; the deprecation is torch's business, not the user's
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-    from ml_tasks import DataError, get_task
+    from ml_tasks import DataError
 
     try:
-        cfg = parse_config(argv)
-        _check_device(cfg)
-        run_dir = cfg.run_dir  # set by parse_config (under Slurm from the job id, so every node agrees)
-        prepared = get_task(cfg.task).prepare(cfg, run_dir)  # before peers spawn: they only load its result
+        cfg, run_dir, prepared, primary, resume_round = _pre_start(argv)
     except (ConfigError, DataError) as e:
-        print(f"mar_fl.py: error: {e}", file=sys.stderr)
+        print(f"mar_fl.py: error: {' '.join(str(e).splitlines())}", file=sys.stderr)  # always one line
         return EXIT_USAGE
-    primary = cfg.peer_range is None or cfg.peer_range[0] == 0
-    run_dir = prepare_run_dir(cfg, primary=primary)
-    resume_round = prepare_resume(cfg, run_dir, primary=primary) if cfg.resume else 0
     launcher = Launcher(cfg, run_dir, primary=primary, prepared=prepared, resume_round=resume_round)
 
     def on_signal(signum, frame):
