@@ -545,7 +545,7 @@ class MetricsCollector:
     run_dir: str
     num_peers: int
     stale_after: float = 300.0
-    offsets: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # path -> (bytes read, lines read)
+    offsets: Dict[str, Tuple[Optional[int], int, int]] = field(default_factory=dict)  # path -> (inode, bytes, lines) read
     ignored: Set[str] = field(default_factory=set)  # names in peers/ that are no peer's file (warned once)
     pending: Dict[int, List[Dict[str, Any]]] = field(default_factory=dict)
     first_seen: Dict[int, float] = field(default_factory=dict)
@@ -584,18 +584,18 @@ class MetricsCollector:
 
     def _new_lines(self, path: str) -> List[Tuple[int, bytes]]:
         """The complete lines appended since the last poll (a peer may be mid-line), numbered from 1."""
-        offset, number = self.offsets.get(path, (0, 0))
+        inode, offset, number = self.offsets.get(path, (None, 0, 0))
         try:
             with open(path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < offset:  # rewritten since (a resume cut it): read it again
-                    offset, number = 0, 0
+                if os.fstat(f.fileno()).st_ino != inode:  # a new file (or one a resume rewrote): from its start
+                    inode, offset, number = os.fstat(f.fileno()).st_ino, 0, 0
                 f.seek(offset)
                 chunk = f.read()
         except OSError as e:
             logger.warning("cannot read %s: %s", path, e.strerror)
             return []
-        lines = chunk[: chunk.rfind(b"\n") + 1].splitlines()
-        self.offsets[path] = (offset + sum(len(line) + 1 for line in lines), number + len(lines))
+        lines = chunk[: chunk.rfind(b"\n") + 1].split(b"\n")[:-1]
+        self.offsets[path] = (inode, offset + sum(len(line) + 1 for line in lines), number + len(lines))
         return list(enumerate(lines, number + 1))
 
     def _add(self, rec: Dict[str, Any]) -> None:
