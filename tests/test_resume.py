@@ -170,3 +170,40 @@ def test_collector_rereads_a_file_that_a_resume_cut(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mar_fl"):
         assert [r["round"] for r in collector.poll()] == [6, 7]
     assert "damaged" not in caplog.text  # read from the new file's start, not from the old offset mid-line
+
+
+def launch(*args):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    return subprocess.run([sys.executable, os.path.join(ROOT, "mar_fl.py"), *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_real_resume_past_a_damaged_checkpoint_repeats_the_same_round(tmp_path, data_dir, no_new_p2pd):
+    """Two peers, three rounds, a checkpoint every round; then round 3 of peer 1 is truncated, a line damaged and a
+    stray file dropped into peers/: the resume continues after round 2 and runs round 3 again, identically."""
+    run_dir = tmp_path / "run"
+    first = launch("--np", "2", "--gs", "2", "--gk", "1", "--ni", "1", "--rounds", "3", "--tf", "3", "--iv", "2",
+                   "-sd", "3", "--data-dir", data_dir, "--run-dir", str(run_dir), "--wandb", "disabled",
+                   "--ckpt-every", "1", "--matchmaking-timeout", "30")
+    assert first.returncode == 0, first.stderr[-2000:]
+    original = mar_fl.read_jsonl(str(run_dir / "metrics.jsonl"))
+    newest = mar_fl.checkpoint_path(str(run_dir), 1, 3)
+    open(newest, "r+b").truncate(100)
+    with open(run_dir / "peers" / "peer_0000.jsonl", "a") as f:
+        f.write("garbage{\n")
+    (run_dir / "peers" / "README.txt").write_text("notes")
+    before = all_lines(str(run_dir))
+    again = launch("--resume", str(run_dir), "--rounds", "4", "--data-dir", data_dir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "round 3 cannot be resumed" in again.stderr and "README.txt" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert set(before) <= set(all_lines(str(run_dir)))  # every earlier line is still somewhere
+    rows = mar_fl.read_jsonl(str(run_dir / "metrics.jsonl"))
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from_round"] == 2
+    untimed = lambda row: {k: v for k, v in row.items() if k not in mar_fl.TIMING_KEYS}  # noqa: E731
+    assert untimed(rows[2]) == untimed(original[2])  # the checkpoint of round 2 restored everything
