@@ -31,6 +31,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 ITERATION_MODES = {"0": "batches", "1": "passes", "batches": "batches", "passes": "passes"}
 # seeds (and every other integer) must fit a signed 64-bit integer: torch, numpy and C all take that
 INT_LIMIT = 2**63
+MAX_TIMEOUT_S = 7 * 24 * 3600  # a week: far beyond any real wait, far below what the OS's timed waits accept
 
 
 class ConfigError(ValueError):
@@ -127,7 +128,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _flags_general_hardware(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g = p.add_argument_group("general & hardware")
-    g.add_argument("-sd", "--sd", "--seed", dest="seed", type=int, default=d.seed, help="random seed")
+    g.add_argument("-sd", "--sd", "--seed", dest="seed", type=int, default=d.seed,
+                   help="random seed, 0 <= seed < 2^63")
     _flag(g, "ml", "task", dest="task", default=d.task, help=f"ML task {TASKS}")
     _flag(g, "dv", "device", dest="device", default=d.device, help=f"device {DEVICES}; cuda: peer i on GPU i mod n")
     _flag(g, "np", "num-peers", dest="num_peers", type=int, default=d.num_peers, help="number of peers")
@@ -311,9 +313,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(0 <= cfg.target_accuracy <= 100, f"--target-acc must be in [0, 100], got {cfg.target_accuracy:g}")
     _check(cfg.convergence_threshold >= 0, f"--cd must be >= 0, got {cfg.convergence_threshold:g}")
     _check(cfg.patience >= 0, f"--patience must be >= 0, got {cfg.patience}")
-    _check(cfg.matchmaking_timeout > 0, "--matchmaking-timeout must be positive")
-    _check(cfg.allreduce_timeout > 0, "--allreduce-timeout must be positive")
-    _check(cfg.startup_timeout > 0, f"--startup-timeout must be positive, got {cfg.startup_timeout:g}")
+    for flag, seconds in (("--matchmaking-timeout", cfg.matchmaking_timeout),
+                          ("--allreduce-timeout", cfg.allreduce_timeout), ("--startup-timeout", cfg.startup_timeout)):
+        _check(0 < seconds <= MAX_TIMEOUT_S, f"{flag} must be in (0, {MAX_TIMEOUT_S}] seconds, got {seconds:g}")
     _check(cfg.kd_dataset_passes >= 1, f"--ds must be at least 1, got {cfg.kd_dataset_passes}")
     _check(not (cfg.kd_no_blending or cfg.kd_all_candidates) or cfg.kd, "--nb and --ac need --kd")
     _check(cfg.ckpt_every >= 0, f"--ckpt-every must be >= 0, got {cfg.ckpt_every}")
@@ -355,7 +357,8 @@ def _validate_participation(cfg: RunConfig) -> None:
     for flag, percent in (("--up", cfg.update_percent), ("--ap", cfg.aggregate_percent)):
         _check(0 < percent <= 100, f"{flag} must be in (0, 100], got {percent:g}")
         _check(int(cfg.num_peers * percent / 100) >= 1,
-               f"{flag} {percent:g} selects no peer out of --np {cfg.num_peers}: need {flag} >= {100 / cfg.num_peers:g}")
+               f"{flag} {percent:g} selects no peer out of --np {cfg.num_peers}: "
+               f"need {flag} >= {100 / cfg.num_peers:g}")
     _check(0 <= cfg.dropout_percent < 100, f"--dl must be in [0, 100), got {cfg.dropout_percent:g}")
 
 
@@ -505,7 +508,8 @@ def _typed(key: str, value: Any) -> Any:
         return float(value)
     if base in (int, str, bool) and type(value) is base:
         return value
-    if get_origin(base) is tuple and isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
+    pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value)
+    if get_origin(base) is tuple and pair:
         return tuple(value)
     raise ConfigError(f"{key} must be {getattr(base, '__name__', 'a pair of integers')}, got {_short(repr(value))}")
 

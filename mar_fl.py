@@ -402,10 +402,10 @@ def common_checkpoint_round(run_dir: str, num_peers: int) -> int:
 def _newest_shared_round(run_dir: str, rounds: Sequence[int]) -> Optional[int]:
     """The newest of ``rounds`` that every peer with a checkpoint folder has a complete checkpoint of."""
     try:
-        peers = [int(m.group(1)) for m in map(PEER_FOLDER_NAME.fullmatch, os.listdir(os.path.join(run_dir, "checkpoints")))
-                 if m]
+        names = os.listdir(os.path.join(run_dir, "checkpoints"))
     except OSError:
         return None
+    peers = [int(m.group(1)) for m in map(PEER_FOLDER_NAME.fullmatch, names) if m]
     for round_index in sorted(rounds, reverse=True):
         if all(os.path.exists(digest_path(checkpoint_path(run_dir, i, round_index))) for i in peers):
             return round_index
@@ -545,7 +545,7 @@ class MetricsCollector:
     run_dir: str
     num_peers: int
     stale_after: float = 300.0
-    offsets: Dict[str, Tuple[Optional[int], int, int]] = field(default_factory=dict)  # path -> (inode, bytes, lines) read
+    offsets: Dict[str, Tuple[Optional[int], int, int]] = field(default_factory=dict)  # path -> inode, bytes, lines
     ignored: Set[str] = field(default_factory=set)  # names in peers/ that are no peer's file (warned once)
     pending: Dict[int, List[Dict[str, Any]]] = field(default_factory=dict)
     first_seen: Dict[int, float] = field(default_factory=dict)
