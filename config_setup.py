@@ -427,7 +427,7 @@ def wandb_default_mode() -> str:
 def parse_config(argv: Optional[Sequence[str]] = None, *, env: Optional[Dict[str, str]] = None) -> RunConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.resume:
+    if args.resume is not None:  # even an empty one: never silently a new run
         return _resume_config(args, given_flags(argv), env)
     values = _values(args, num_peers=args.num_peers)
     values["wandb_mode"] = values["wandb_mode"] or wandb_default_mode()
@@ -520,9 +520,9 @@ _FIELD_TYPES = get_type_hints(RunConfig)
 # ==================== paths ====================
 
 
-def check_writable_dir(flag: str, path: str) -> None:
-    """``path`` is, or can be created as, a folder we may write: not a file, not under a file, no name longer
-    than the file system allows. Nothing is created here."""
+def check_folder(flag: str, path: str, *, writable: bool = True) -> None:
+    """``path`` is, or can be created as, a folder (one we may write, if ``writable``): not a file, not under a
+    file, no name longer than the file system allows. Nothing is created here."""
     target = os.path.abspath(path)
     existing = target
     while not os.path.exists(existing):
@@ -537,7 +537,8 @@ def check_writable_dir(flag: str, path: str) -> None:
                          f"than the file system allows ({name_max} bytes); give a shorter {flag}")
     _check(len(os.fsencode(target)) < os.pathconf(existing, "PC_PATH_MAX"),
            f"{flag} {_short(path)}: the path is longer than the file system allows; give a shorter {flag}")
-    _check(os.access(existing, os.W_OK | os.X_OK), f"{flag} {_short(path)}: {_short(existing)} is not writable")
+    _check(not writable or os.access(existing, os.W_OK | os.X_OK),
+           f"{flag} {_short(path)}: {_short(existing)} is not writable")
 
 
 def _check_bootstrap_file(value: str, run_dir: str) -> None:
@@ -556,9 +557,14 @@ def check_paths(cfg: RunConfig) -> None:
     """What the flags name on the file system, before anything starts (parse_config itself stays pure)."""
     from peer_synchronization import multiaddrs_in
 
-    check_writable_dir("--run-dir", cfg.run_dir)
+    check_folder("--run-dir", cfg.run_dir)
+    primary = cfg.peer_range is None or cfg.peer_range[0] == 0
+    _check(cfg.resume or not primary or not os.path.exists(os.path.join(cfg.run_dir, "config.json")),
+           f"--run-dir {_short(cfg.run_dir)} already holds a run (config.json): continue it with --resume, "
+           f"or give another --run-dir")
+    check_folder("--data-dir", cfg.data_dir, writable=False)  # a shared read-only copy is fine
     if cfg.news_cache_dir:
-        check_writable_dir("--news-cache-dir", cfg.news_cache_dir)
+        check_folder("--news-cache-dir", cfg.news_cache_dir)
     if cfg.initial_peers and multiaddrs_in(cfg.initial_peers) is None:
         _check_bootstrap_file(cfg.initial_peers, cfg.run_dir)
 

@@ -51,6 +51,8 @@ CASES = [
     (["--np", "4", "--up", "10"], "--up"),
     (["--np", "4", "--ap", "20"], "--ap"),
     (["--news-cache-dir", "FILE"], "--news-cache-dir"),
+    (["--data-dir", "FILE"], "--data-dir"),
+    (["--run-dir", "RUN:ok"], "--run-dir"),  # a fresh run would overwrite another run's config and files
     (["--host", "garbage"], "--host"),
     (["--host", "999.1.1.1"], "--host"),
     (["--host", "::1"], "--host"),
@@ -101,7 +103,7 @@ def assert_one_line_naming(stderr, flag):
 def test_bad_command_line_is_one_line_naming_the_flag(argv, flag, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # a default run dir, were one made, lands here
     empty_data = tmp_path / "no-data"  # a command line accepted by mistake fails on the data, never starts a run
-    code = mar_fl.main(materialise(argv, tmp_path) + ["--data-dir", str(empty_data), "--wandb", "disabled"])
+    code = mar_fl.main(["--data-dir", str(empty_data)] + materialise(argv, tmp_path) + ["--wandb", "disabled"])
     assert code == 2
     assert_one_line_naming(capsys.readouterr().err, flag)
     assert not (tmp_path / "runs").exists() or all(p.name in RESUME_CONFIGS for p in (tmp_path / "runs").iterdir())
