@@ -112,6 +112,10 @@ class RunConfig:
         start, stop = self.peer_range or (0, self.num_peers)
         return range(start, stop)
 
+    def primary(self) -> bool:
+        """This launcher runs peer 0: it writes config.json and the bootstrap file, and collects the metrics."""
+        return self.local_peers().start == 0
+
 
 # ==================== parser ====================
 
@@ -558,8 +562,7 @@ def check_paths(cfg: RunConfig) -> None:
     from peer_synchronization import multiaddrs_in
 
     check_folder("--run-dir", cfg.run_dir)
-    primary = cfg.peer_range is None or cfg.peer_range[0] == 0
-    _check(cfg.resume or not primary or not os.path.exists(os.path.join(cfg.run_dir, "config.json")),
+    _check(cfg.resume or not cfg.primary() or not os.path.exists(os.path.join(cfg.run_dir, "config.json")),
            f"--run-dir {_short(cfg.run_dir)} already holds a run (config.json): continue it with --resume, "
            f"or give another --run-dir")
     check_folder("--data-dir", cfg.data_dir, writable=False)  # a shared read-only copy is fine

@@ -34,11 +34,6 @@ _PRELOAD = ["torch", "torchvision", "hivemind", "ml_tasks", "moshpit_all_reduce"
 # per-round keys that only KD / DP runs log: pooled as the mean over aggregating peers, ε as the worst peer's
 MEAN_KEYS = ("kd_lambda", "kd_teachers", "dp_clip_threshold", "dp_update_norm")
 MAX_KEYS = ("dp_epsilon", "dp_epsilon_groupmate")
-PEER_FILE_NAME = re.compile(r"peer_(\d{4,})\.jsonl")
-# what the launcher reads from a peer's record and from a metrics row on resume; rows without them are skipped
-PEER_RECORD_KEYS = ("t_start", "t_end", "round_seconds", "train_seconds", "aggregation_seconds")
-METRICS_ROW_KEYS = ("train_loss", "test_loss", "test_accuracy", "elapsed_seconds", "round_seconds",
-                    "bytes_sent_per_peer")
 
 
 class PeerStopped(SystemExit):
@@ -577,7 +572,7 @@ class MetricsCollector:
             path = os.path.join(folder, name)
             if match and int(match.group(1)) < self.num_peers and os.path.isfile(path):
                 files.append((int(match.group(1)), path))
-            elif name not in self.ignored:
+            elif name not in self.ignored and not name.endswith(".tmp"):  # .tmp: a resume rewriting a file
                 self.ignored.add(name)
                 logger.warning("ignoring %s: not the record file of one of the run's %d peers", path, self.num_peers)
         return files
@@ -890,6 +885,13 @@ def _mean(xs: Sequence[float]) -> Optional[float]:
     return sum(xs) / len(xs) if xs else None
 
 
+PEER_FILE_NAME = re.compile(r"peer_(\d{4,})\.jsonl")
+# what the launcher reads from a peer's record and from a metrics row on resume; rows without them are skipped
+PEER_RECORD_KEYS = ("t_start", "t_end", "round_seconds", "train_seconds", "aggregation_seconds")
+METRICS_ROW_KEYS = ("train_loss", "test_loss", "test_accuracy", "elapsed_seconds", "round_seconds",
+                    "bytes_sent_per_peer")
+
+
 def parse_row(line) -> Optional[Dict[str, Any]]:
     """One jsonl line as a row: a JSON object with a positive integer ``round``; None for anything else."""
     try:
@@ -1030,7 +1032,7 @@ def _pre_start(argv: Optional[Sequence[str]]):
     _check_device(cfg)
     check_paths(cfg)
     prepared = get_task(cfg.task).prepare(cfg, cfg.run_dir)  # before peers spawn: they only load its result
-    primary = cfg.peer_range is None or cfg.peer_range[0] == 0
+    primary = cfg.primary()
     run_dir = prepare_run_dir(cfg, primary=primary)
     _wait_for_bootstrap(cfg)
     try:
