@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import ipaddress
 import json
 import math
 import os
@@ -17,7 +19,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Set, Tuple, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 
@@ -27,6 +29,9 @@ DEVICES = ("cpu", "cuda")
 COMPRESSIONS = ("none", "fp16", "8bit")
 WANDB_MODES = ("online", "offline", "disabled")
 ITERATION_MODES = {"0": "batches", "1": "passes", "batches": "batches", "passes": "passes"}
+# seeds (and every other integer) must fit a signed 64-bit integer: torch, numpy and C all take that
+INT_LIMIT = 2**63
+MAX_TIMEOUT_S = 7 * 24 * 3600  # a week: far beyond any real wait, far below what the OS's timed waits accept
 
 
 class ConfigError(ValueError):
@@ -108,6 +113,10 @@ class RunConfig:
         start, stop = self.peer_range or (0, self.num_peers)
         return range(start, stop)
 
+    def primary(self) -> bool:
+        """This launcher runs peer 0: it writes config.json and the bootstrap file, and collects the metrics."""
+        return self.local_peers().start == 0
+
 
 # ==================== parser ====================
 
@@ -124,7 +133,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _flags_general_hardware(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g = p.add_argument_group("general & hardware")
-    g.add_argument("-sd", "--sd", "--seed", dest="seed", type=int, default=d.seed, help="random seed")
+    g.add_argument("-sd", "--sd", "--seed", dest="seed", type=int, default=d.seed,
+                   help="random seed, 0 <= seed < 2^63")
     _flag(g, "ml", "task", dest="task", default=d.task, help=f"ML task {TASKS}")
     _flag(g, "dv", "device", dest="device", default=d.device, help=f"device {DEVICES}; cuda: peer i on GPU i mod n")
     _flag(g, "np", "num-peers", dest="num_peers", type=int, default=d.num_peers, help="number of peers")
@@ -286,18 +296,21 @@ def _check(condition: bool, message: str) -> None:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
+    _validate_numbers(cfg)
     _check(cfg.task in TASKS, f"--ml must be one of {', '.join(TASKS)}, got {cfg.task!r}")
     _check(cfg.device in DEVICES, f"--dv must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
     _check(cfg.split in SPLITS, f"--sp must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
+    _check(cfg.iteration_mode in ("batches", "passes"), f"--im must be batches or passes, got {cfg.iteration_mode!r}")
+    _check(cfg.compression in COMPRESSIONS, f"--compression must be one of {', '.join(COMPRESSIONS)}")
+    _check(cfg.wandb_mode in WANDB_MODES, f"--wandb must be one of {', '.join(WANDB_MODES)}")
+    _check(0 <= cfg.seed < INT_LIMIT, f"-sd must be in [0, 2^63), got {_short(cfg.seed, 30)}")
     _check(cfg.num_peers >= 1, f"--np must be at least 1, got {cfg.num_peers}")
     _check(cfg.peers_per_core >= 1, f"--pp must be at least 1, got {cfg.peers_per_core}")
     _check(cfg.max_runtime_hours > 0, f"--rt must be positive, got {cfg.max_runtime_hours}")
     _check(cfg.group_size >= 2, f"--gs must be at least 2, got {cfg.group_size}")
     _check(cfg.group_key_dim >= 1, f"--gk must be at least 1, got {cfg.group_key_dim}")
     _check(cfg.mar_steps >= 1, f"--ni must be at least 1, got {cfg.mar_steps}")
-    for flag, value in (("--up", cfg.update_percent), ("--ap", cfg.aggregate_percent)):
-        _check(0 < value <= 100, f"{flag} must be in (0, 100], got {value:g}")
-    _check(0 <= cfg.dropout_percent < 100, f"--dl must be in [0, 100), got {cfg.dropout_percent:g}")
+    _validate_participation(cfg)
     _check(cfg.rounds >= 1, f"--rounds must be at least 1, got {cfg.rounds}")
     _check(cfg.iteration_value >= 1, f"--iv must be at least 1, got {cfg.iteration_value}")
     _check(cfg.batch_size >= 1, f"--bs must be at least 1, got {cfg.batch_size}")
@@ -306,9 +319,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.dirichlet_alpha > 0, f"--al must be positive, got {cfg.dirichlet_alpha:g}")
     _check(cfg.test_every >= 1, f"--tf must be at least 1, got {cfg.test_every}")
     _check(0 <= cfg.target_accuracy <= 100, f"--target-acc must be in [0, 100], got {cfg.target_accuracy:g}")
+    _check(cfg.convergence_threshold >= 0, f"--cd must be >= 0, got {cfg.convergence_threshold:g}")
     _check(cfg.patience >= 0, f"--patience must be >= 0, got {cfg.patience}")
-    _check(cfg.matchmaking_timeout > 0, "--matchmaking-timeout must be positive")
-    _check(cfg.allreduce_timeout > 0, "--allreduce-timeout must be positive")
+    for flag, seconds in (("--matchmaking-timeout", cfg.matchmaking_timeout),
+                          ("--allreduce-timeout", cfg.allreduce_timeout), ("--startup-timeout", cfg.startup_timeout)):
+        _check(0 < seconds <= MAX_TIMEOUT_S, f"{flag} must be in (0, {MAX_TIMEOUT_S}] seconds, got {seconds:g}")
     _check(0 <= cfg.max_failed_percent <= 100, f"--max-failed-steps must be in [0, 100], got {cfg.max_failed_percent:g}")
     _check(cfg.kd_dataset_passes >= 1, f"--ds must be at least 1, got {cfg.kd_dataset_passes}")
     _check(not (cfg.kd_no_blending or cfg.kd_all_candidates) or cfg.kd, "--nb and --ac need --kd")
@@ -317,9 +332,68 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.kd_rounds is None or cfg.kd_rounds >= 1, f"--kd-rounds must be at least 1, got {cfg.kd_rounds}")
     _check(cfg.kd_rounds is None or cfg.kd, "--kd-rounds needs --kd")
     _check(cfg.text_max_length >= 1, f"--text-max-length must be at least 1, got {cfg.text_max_length}")
+    _validate_network(cfg)
     _validate_dp(cfg)
     _validate_lr_schedule(cfg)
     return cfg
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    """``value`` for a one-line message: a 300-digit seed or a 5000-character path is cut, not printed whole."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+@functools.lru_cache(maxsize=None)
+def flag_names() -> Dict[str, str]:
+    """Field name → the flag that sets it (its first option string), for messages about any field."""
+    return {action.dest: action.option_strings[0] for action in build_parser()._actions
+            if action.option_strings and action.dest != "help"}
+
+
+def _validate_numbers(cfg: RunConfig) -> None:
+    """Every float is finite and every integer fits 64 bits: nan slips through argparse and every comparison."""
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), flag_names().get(f.name, f.name)
+        if isinstance(value, float):
+            _check(math.isfinite(value), f"{flag} must be a finite number, got {value}")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            _check(-INT_LIMIT < value < INT_LIMIT, f"{flag} must be smaller than 2^63, got {_short(value, 30)}")
+
+
+def _validate_participation(cfg: RunConfig) -> None:
+    """``--up``/``--ap`` are percentages that must select at least one peer (the schedule takes int(np·p/100))."""
+    for flag, percent in (("--up", cfg.update_percent), ("--ap", cfg.aggregate_percent)):
+        _check(0 < percent <= 100, f"{flag} must be in (0, 100], got {percent:g}")
+        _check(int(cfg.num_peers * percent / 100) >= 1,
+               f"{flag} {percent:g} selects no peer out of --np {cfg.num_peers}: "
+               f"need {flag} >= {100 / cfg.num_peers:g}")
+    _check(0 <= cfg.dropout_percent < 100, f"--dl must be in [0, 100), got {cfg.dropout_percent:g}")
+
+
+def _check_ip(flag: str, value: str, *, concrete: bool) -> None:
+    """An IPv4 address (peers listen on /ip4/); ``concrete``: one other hosts can dial (not 0.0.0.0)."""
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(f"{flag} must be an IPv4 address such as 127.0.0.1, got {_short(value)!r}") from None
+    _check(address.version == 4, f"{flag} {value}: only IPv4 addresses are supported (peers listen on /ip4/)")
+    _check(not concrete or not (address.is_unspecified or address.is_multicast),
+           f"{flag} must be an address other hosts can reach, got {value}")
+
+
+def _validate_network(cfg: RunConfig) -> None:
+    _check_ip("--host", cfg.host, concrete=False)
+    if cfg.announce_host is not None:
+        _check_ip("--announce-host", cfg.announce_host, concrete=True)
+    if cfg.initial_peers:
+        from peer_synchronization import check_multiaddr, multiaddrs_in
+
+        try:
+            for maddr in multiaddrs_in(cfg.initial_peers) or ():
+                check_multiaddr(maddr)
+        except ValueError as e:
+            raise ConfigError(f"--initial-peers: {e}") from None
 
 
 def _validate_dp(cfg: RunConfig) -> None:
@@ -362,57 +436,146 @@ def wandb_default_mode() -> str:
 def parse_config(argv: Optional[Sequence[str]] = None, *, env: Optional[Dict[str, str]] = None) -> RunConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.resume:
-        return _resume_config(parser, args, env)
+    if args.resume is not None:  # even an empty one: never silently a new run
+        return _resume_config(args, given_flags(argv), env)
+    values = _values(args, num_peers=args.num_peers)
+    values["wandb_mode"] = values["wandb_mode"] or wandb_default_mode()
+    return with_allocation(validate(RunConfig(**values)), read_allocation(env))
+
+
+def given_flags(argv: Optional[Sequence[str]]) -> Set[str]:
+    """The fields set on the command line itself (a flag given with its default value counts as given)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"help"}
+
+
+def _values(args: argparse.Namespace, *, num_peers: int) -> Dict[str, Any]:
+    """Parsed flags → RunConfig field values (``--im`` names the mode, ``--peer-range`` becomes [start, stop))."""
+    values = {key: value for key, value in vars(args).items() if key != "resume"}
     mode = ITERATION_MODES.get(str(args.iteration_mode))
     if mode is None:
         raise ConfigError(f"--im must be 0/batches or 1/passes, got {args.iteration_mode!r}")
-    values = vars(args)
-    del values["resume"]
-    values.update(
-        iteration_mode=mode,
-        peer_range=_parse_peer_range(args.peer_range, args.num_peers),
-        wandb_mode=args.wandb_mode or wandb_default_mode(),
-    )
-    return with_allocation(validate(RunConfig(**values)), read_allocation(env))
+    values.update(iteration_mode=mode, peer_range=_parse_peer_range(args.peer_range, num_peers))
+    return values
 
 
 # flags a resumed run may change: where and how long it runs, not what it computes
 RESUMABLE = {"rounds", "max_runtime_hours", "wandb_mode", "wandb_project", "wandb_entity", "initial_peers",
              "peer_range", "host", "announce_host", "nat_port_map", "startup_timeout", "ckpt_every",
-             "shm_warn_percent", "data_dir", "matchmaking_timeout", "allreduce_timeout", "peers_per_core", "max_failed_percent"}
+             "shm_warn_percent", "data_dir", "matchmaking_timeout", "allreduce_timeout", "peers_per_core",
+             "max_failed_percent"}
 
 
-def _resume_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                   env: Optional[Dict[str, str]]) -> RunConfig:
-    path = os.path.join(args.resume, "config.json")
-    try:
-        with open(path) as f:
-            saved = config_from_json(json.load(f))
-    except (OSError, ValueError, TypeError) as e:
-        raise ConfigError(f"--resume {args.resume}: cannot read {path} ({e})") from None
+def _resume_config(args: argparse.Namespace, given: Set[str], env: Optional[Dict[str, str]]) -> RunConfig:
+    """The saved config with the flags given on the command line applied; a given flag that equals the saved
+    value is no change, one that differs must be in :data:`RESUMABLE`."""
+    saved = load_saved_config(args.resume)
+    values = _values(args, num_peers=saved.num_peers)
     changes: Dict[str, Any] = {}
-    for key, value in vars(args).items():
-        if key == "resume" or value == parser.get_default(key) or value is None:
+    for key in sorted(given - {"resume"}):
+        if key == "run_dir" and os.path.abspath(values[key]) == os.path.abspath(args.resume):
+            continue
+        if values[key] == getattr(saved, key):
             continue
         if key not in RESUMABLE:
-            raise ConfigError(f"--resume: {key} is fixed by {path} and cannot change when resuming")
-        changes[key] = value
-    if "peer_range" in changes:
-        changes["peer_range"] = _parse_peer_range(changes["peer_range"], saved.num_peers)
+            raise ConfigError(f"{flag_names()[key]} cannot change when resuming: {args.resume}/config.json fixes "
+                              f"{key} = {_short(getattr(saved, key))}, got {_short(values[key])}")
+        changes[key] = values[key]
     cfg = dataclasses.replace(saved, **changes, run_dir=args.resume, resume=True,
                               peer_range=changes.get("peer_range"), initial_peers=changes.get("initial_peers"))
     return with_allocation(validate(cfg), read_allocation(env))
 
 
-def config_from_json(data: Dict[str, Any]) -> RunConfig:
-    values = {key: value for key, value in data.items() if key in _FIELDS}
-    if values.get("peer_range") is not None:
-        values["peer_range"] = tuple(values["peer_range"])
-    return RunConfig(**values)
+def load_saved_config(run_dir: str) -> RunConfig:
+    """``RUN_DIR/config.json``, checked like command-line input (a hand-edited file is input too)."""
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            return validate(config_from_json(json.load(f)))
+    except (OSError, ValueError) as e:  # ConfigError and json.JSONDecodeError are ValueErrors
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise ConfigError(f"--resume {_short(run_dir)}: cannot read {os.path.basename(path)} ({reason})") from None
 
 
-_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+def config_from_json(data: Any) -> RunConfig:
+    """A saved config back into a RunConfig; a value of the wrong type raises ConfigError (unknown keys,
+    e.g. from another version, are ignored). The values themselves are checked by :func:`validate`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a JSON object, got a {type(data).__name__}")
+    return RunConfig(**{key: _typed(key, value) for key, value in data.items() if key in _FIELD_TYPES})
+
+
+def _typed(key: str, value: Any) -> Any:
+    """``value`` as field ``key``'s type (a JSON number for a float, a two-int list for a tuple), or ConfigError."""
+    hint = _FIELD_TYPES[key]
+    options = [t for t in get_args(hint) if t is not type(None)] if get_origin(hint) is Union else [hint]
+    if value is None and len(options) < len(get_args(hint)):
+        return None
+    base = options[0]
+    if base is float and type(value) in (int, float):
+        return float(value)
+    if base in (int, str, bool) and type(value) is base:
+        return value
+    pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value)
+    if get_origin(base) is tuple and pair:
+        return tuple(value)
+    raise ConfigError(f"{key} must be {getattr(base, '__name__', 'a pair of integers')}, got {_short(repr(value))}")
+
+
+_FIELD_TYPES = get_type_hints(RunConfig)
+
+
+# ==================== paths ====================
+
+
+def check_folder(flag: str, path: str, *, writable: bool = True) -> None:
+    """``path`` is, or can be created as, a folder (one we may write, if ``writable``): not a file, not under a
+    file, no name longer than the file system allows. Nothing is created here."""
+    target = os.path.abspath(path)
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == target else f"is under {_short(existing)}, which is a file"
+        raise ConfigError(f"{flag} {_short(path)} {where}, not a folder")
+    name_max = os.pathconf(existing, "PC_NAME_MAX")
+    missing = [] if existing == target else os.path.relpath(target, existing).split(os.sep)
+    too_long = [name for name in missing if len(os.fsencode(name)) > name_max]
+    _check(not too_long, f"{flag} {_short(path)}: the name {_short(too_long[0] if too_long else '')!r} is longer "
+                         f"than the file system allows ({name_max} bytes); give a shorter {flag}")
+    _check(len(os.fsencode(target)) < os.pathconf(existing, "PC_PATH_MAX"),
+           f"{flag} {_short(path)}: the path is longer than the file system allows; give a shorter {flag}")
+    _check(not writable or os.access(existing, os.W_OK | os.X_OK),
+           f"{flag} {_short(path)}: {_short(existing)} is not writable")
+
+
+def _check_bootstrap_file(value: str, run_dir: str) -> None:
+    """A file ``--initial-peers`` exists, or is a ``.json`` that node 0 will write into an existing folder or
+    into the run dir (which this launcher creates): anything else is a typo that would wait in vain."""
+    if os.path.isfile(value):
+        return
+    folder = os.path.dirname(os.path.abspath(value))
+    future = (value.endswith(".json") and not os.path.exists(value)
+              and (os.path.isdir(folder) or folder == os.path.abspath(run_dir)))
+    _check(future, f"--initial-peers {_short(value)!r} is neither a bootstrap file nor multiaddrs "
+                   f"(/ip4/HOST/tcp/PORT/p2p/PEER_ID)")
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """What the flags name on the file system, before anything starts (parse_config itself stays pure)."""
+    from peer_synchronization import multiaddrs_in
+
+    check_folder("--run-dir", cfg.run_dir)
+    _check(cfg.resume or not cfg.primary() or not os.path.exists(os.path.join(cfg.run_dir, "config.json")),
+           f"--run-dir {_short(cfg.run_dir)} already holds a run (config.json): continue it with --resume, "
+           f"or give another --run-dir")
+    check_folder("--data-dir", cfg.data_dir, writable=False)  # a shared read-only copy is fine
+    if cfg.news_cache_dir:
+        check_folder("--news-cache-dir", cfg.news_cache_dir)
+    if cfg.initial_peers and multiaddrs_in(cfg.initial_peers) is None:
+        _check_bootstrap_file(cfg.initial_peers, cfg.run_dir)
 
 
 # ==================== cluster allocation ====================

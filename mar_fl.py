@@ -13,14 +13,15 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import re
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from config_setup import ConfigError, RunConfig, config_from_json, parse_config, save_config
+from config_setup import ConfigError, RunConfig, check_paths, config_from_json, parse_config, save_config
 
 logger = logging.getLogger("mar_fl")
 
@@ -336,73 +337,167 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
 # ==================== checkpoints ====================
 
 
+CHECKPOINT_NAME = re.compile(r"round_(\d{6,})\.pt")
+PEER_FOLDER_NAME = re.compile(r"peer_(\d{4,})")
+
+
 def checkpoint_path(run_dir: str, index: int, round_index: int) -> str:
     return os.path.join(run_dir, "checkpoints", f"peer_{index:04d}", f"round_{round_index:06d}.pt")
 
 
+def digest_path(path: str) -> str:
+    """The sidecar written next to each checkpoint once it is complete: its size and sha256."""
+    return f"{path}.sha256"
+
+
 def checkpoint_rounds(run_dir: str, index: int) -> List[int]:
-    folder = os.path.dirname(checkpoint_path(run_dir, index, 0))
+    """Rounds that peer ``index`` has a checkpoint file of (intact or not); other names are ignored."""
     try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
+        names = os.listdir(os.path.dirname(checkpoint_path(run_dir, index, 0)))
+    except OSError:
         return []
-    return sorted(int(n[6:12]) for n in names if n.startswith("round_") and n.endswith(".pt"))
+    return sorted(int(m.group(1)) for m in map(CHECKPOINT_NAME.fullmatch, names) if m)
+
+
+def _file_digest(path: str) -> Dict[str, Any]:
+    import hashlib
+
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return {"size": os.path.getsize(path), "sha256": sha.hexdigest()}
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why the checkpoint at ``path`` cannot be resumed from (None: it is intact, as its sidecar says)."""
+    try:
+        with open(digest_path(path)) as f:
+            expected = json.load(f)
+    except FileNotFoundError:
+        return "has no .sha256 sidecar (incomplete, or written by an older MAR-FL: those cannot be resumed)"
+    except (OSError, ValueError):
+        return "has a damaged .sha256 sidecar"
+    try:
+        actual = _file_digest(path)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    return None if actual == expected else "differs from what was written (truncated or damaged)"
 
 
 def common_checkpoint_round(run_dir: str, num_peers: int) -> int:
-    """The last round that every peer checkpointed (0: none), i.e. where a resumed run continues."""
-    common = None
-    for index in range(num_peers):
-        rounds = set(checkpoint_rounds(run_dir, index))
-        common = rounds if common is None else common & rounds
-    return max(common or {0})
+    """The newest round of which every peer has an intact checkpoint (0: none): where a resumed run continues.
+    A damaged candidate is reported and passed over for an older round."""
+    shared = set.intersection(*(set(checkpoint_rounds(run_dir, index)) for index in range(num_peers)))
+    for round_index in sorted(shared, reverse=True):
+        problems = ((index, checkpoint_problem(checkpoint_path(run_dir, index, round_index)))
+                    for index in range(num_peers))
+        bad = next(((index, problem) for index, problem in problems if problem), None)
+        if bad is None:
+            return round_index
+        logger.warning("round %d cannot be resumed: %s %s; trying an older round", round_index,
+                       checkpoint_path(run_dir, bad[0], round_index), bad[1])
+    return 0
 
 
-def save_checkpoint(run_dir: str, state: PeerState, aggregator) -> int:
-    """Everything the next round depends on, written atomically (tmp, fsync, rename); keeps the last few."""
+def _newest_shared_round(run_dir: str, rounds: Sequence[int]) -> Optional[int]:
+    """The newest of ``rounds`` that every peer with a checkpoint folder has a complete checkpoint of."""
+    try:
+        names = os.listdir(os.path.join(run_dir, "checkpoints"))
+    except OSError:
+        return None
+    peers = [int(m.group(1)) for m in map(PEER_FOLDER_NAME.fullmatch, names) if m]
+    for round_index in sorted(rounds, reverse=True):
+        if all(os.path.exists(digest_path(checkpoint_path(run_dir, i, round_index))) for i in peers):
+            return round_index
+    return None
+
+
+def _prune_checkpoints(run_dir: str, index: int) -> None:
+    """Keep this peer's newest few checkpoints, and the newest round every peer has: with one peer dead
+    early, that round is the only one a resume can continue from."""
+    rounds = checkpoint_rounds(run_dir, index)
+    keep = set(rounds[-CHECKPOINTS_KEPT:]) | {_newest_shared_round(run_dir, rounds)}
+    for old in (r for r in rounds if r not in keep):
+        path = checkpoint_path(run_dir, index, old)
+        for name in (digest_path(path), path):
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+
+
+def _write_atomically(path: str, write) -> None:
+    """``write(f)`` into ``path.tmp``, fsync, rename: readers see the old file or the complete new one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state() -> Dict[str, Any]:
+    """Every RNG's state in types ``torch.load(weights_only=True)`` accepts (numpy's array becomes a tensor)."""
     import random
 
     import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def _set_rng_state(rng: Dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    numpy = rng["numpy"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def save_checkpoint(run_dir: str, state: PeerState, aggregator) -> int:
+    """Everything the next round depends on, written atomically with a size + sha256 sidecar (a checkpoint
+    without one is incomplete); keeps the last few. Only tensors and plain values: it loads weights-only."""
     import torch
 
     path = checkpoint_path(run_dir, state.index, state.round_index)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     payload = {
         "round": state.round_index, "model": state.model.state_dict(), "momentum": list(state.momentum),
-        "order": {"epoch": state.order.epoch, "cursor": state.order.cursor},
-        "aggregator": aggregator.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None},
+        "order": {"epoch": int(state.order.epoch), "cursor": int(state.order.cursor)},
+        "aggregator": aggregator.state_dict(), "rng": _rng_state(),
     }
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    for old in checkpoint_rounds(run_dir, state.index)[:-CHECKPOINTS_KEPT]:
-        os.unlink(checkpoint_path(run_dir, state.index, old))
+    if os.path.exists(digest_path(path)):
+        os.unlink(digest_path(path))  # a round run again: its old sidecar must not vouch for the new file
+    _write_atomically(path, lambda f: torch.save(payload, f))
+    digest = json.dumps(_file_digest(path)).encode()
+    _write_atomically(digest_path(path), lambda f: f.write(digest))
+    _prune_checkpoints(run_dir, state.index)
     return state.round_index
 
 
 def load_checkpoint(path: str, state: PeerState, aggregator, *, device: str) -> None:
-    import random
-
-    import numpy as np
+    """Restore a peer from ``path``; ``weights_only``: a checkpoint folder others can write runs no code here."""
     import torch
 
-    payload = torch.load(path, map_location=device, weights_only=False)  # our own file, written above
+    payload = torch.load(path, map_location=device, weights_only=True)
     state.model.load_state_dict(payload["model"])
     for target, source in zip(state.momentum, payload["momentum"]):
         target.copy_(source)
     state.order.epoch, state.order.cursor, state.order._perm = payload["order"]["epoch"], payload["order"]["cursor"], None
     aggregator.load_state_dict(payload["aggregator"])
-    rng = payload["rng"]
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    _set_rng_state(payload["rng"])
     state.round_index = payload["round"]
     logger.info("peer %d resumed from %s", state.index, path)
 
@@ -453,7 +548,8 @@ class MetricsCollector:
     run_dir: str
     num_peers: int
     stale_after: float = 300.0
-    offsets: Dict[str, int] = field(default_factory=dict)
+    offsets: Dict[str, Tuple[Optional[int], int, int]] = field(default_factory=dict)  # path -> inode, bytes, lines
+    ignored: Set[str] = field(default_factory=set)  # names in peers/ that are no peer's file (warned once)
     pending: Dict[int, List[Dict[str, Any]]] = field(default_factory=dict)
     first_seen: Dict[int, float] = field(default_factory=dict)
     next_round: int = 1
@@ -463,16 +559,47 @@ class MetricsCollector:
     elapsed_offset: float = 0.0  # a resumed run's clock continues from its checkpointed round
 
     def _read_new(self) -> None:
+        for index, path in self._peer_files():
+            for number, line in self._new_lines(path):
+                rec = parse_row(line)
+                if rec is None or not is_peer_record(rec, index):
+                    logger.warning("skipping a damaged line in %s (line %d)", path, number)
+                    continue
+                self._add(rec)
+
+    def _peer_files(self) -> List[Tuple[int, str]]:
+        """``peers/peer_NNNN.jsonl`` of this run's peers; anything else there is reported once and left alone."""
         folder = os.path.join(self.run_dir, "peers")
-        for name in sorted(os.listdir(folder)):
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            return []
+        files = []
+        for name in names:
+            match = PEER_FILE_NAME.fullmatch(name)
             path = os.path.join(folder, name)
-            with open(path) as f:
-                f.seek(self.offsets.get(name, 0))
+            if match and int(match.group(1)) < self.num_peers and os.path.isfile(path):
+                files.append((int(match.group(1)), path))
+            elif name not in self.ignored and not name.endswith(".tmp"):  # .tmp: a resume rewriting a file
+                self.ignored.add(name)
+                logger.warning("ignoring %s: not the record file of one of the run's %d peers", path, self.num_peers)
+        return files
+
+    def _new_lines(self, path: str) -> List[Tuple[int, bytes]]:
+        """The complete lines appended since the last poll (a peer may be mid-line), numbered from 1."""
+        inode, offset, number = self.offsets.get(path, (None, 0, 0))
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_ino != inode:  # a new file (or one a resume rewrote): from its start
+                    inode, offset, number = os.fstat(f.fileno()).st_ino, 0, 0
+                f.seek(offset)
                 chunk = f.read()
-            complete = chunk[: chunk.rfind("\n") + 1]  # a peer may be mid-line
-            self.offsets[name] = self.offsets.get(name, 0) + len(complete.encode())
-            for line in complete.splitlines():
-                self._add(json.loads(line))
+        except OSError as e:
+            logger.warning("cannot read %s: %s", path, e.strerror)
+            return []
+        lines = chunk[: chunk.rfind(b"\n") + 1].split(b"\n")[:-1]
+        self.offsets[path] = (inode, offset + sum(len(line) + 1 for line in lines), number + len(lines))
+        return list(enumerate(lines, number + 1))
 
     def _add(self, rec: Dict[str, Any]) -> None:
         if rec["round"] < self.next_round:
@@ -605,8 +732,8 @@ class Launcher:
                 with open(path, "rb") as f:
                     f.seek(max(0, os.path.getsize(path) - 65536))
                     lines = f.read().splitlines()
-                newest = max([newest] + [json.loads(line)["round"] for line in lines[-2:] if line.endswith(b"}")])
-            except (OSError, ValueError, KeyError):
+                newest = max([newest] + [row["round"] for row in map(parse_row, lines[-2:]) if row])
+            except OSError:
                 continue
         return max(newest, self.resume_round)
 
@@ -654,7 +781,7 @@ class Launcher:
         """On resume: metrics and stop rules continue from the checkpointed round, as if never cut."""
         if not self.resume_round:
             return
-        self.history = read_jsonl(os.path.join(self.run_dir, "metrics.jsonl"))
+        self.history = read_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), required=METRICS_ROW_KEYS)
         collector.next_round = collector.first_round = self.resume_round + 1
         collector.elapsed_offset = self.history[-1]["elapsed_seconds"] if self.history else 0.0
         for row in self.history:
@@ -793,34 +920,105 @@ def _mean(xs: Sequence[float]) -> Optional[float]:
     return sum(xs) / len(xs) if xs else None
 
 
-def read_jsonl(path: str) -> List[Dict[str, Any]]:
+PEER_FILE_NAME = re.compile(r"peer_(\d{4,})\.jsonl")
+# what the launcher reads from a peer's record and from a metrics row on resume; rows without them are skipped
+PEER_RECORD_KEYS = ("t_start", "t_end", "round_seconds", "train_seconds", "aggregation_seconds")
+METRICS_ROW_KEYS = ("train_loss", "test_loss", "test_accuracy", "elapsed_seconds", "round_seconds",
+                    "bytes_sent_per_peer")
+
+
+def parse_row(line) -> Optional[Dict[str, Any]]:
+    """One jsonl line as a row: a JSON object with a positive integer ``round``; None for anything else."""
     try:
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.endswith("\n")]
+        row = json.loads(line)
+    except ValueError:  # also a line that is not UTF-8
+        return None
+    return row if isinstance(row, dict) and type(row.get("round")) is int and row["round"] >= 1 else None
+
+
+def is_peer_record(rec: Dict[str, Any], index: int) -> bool:
+    """A row of ``peers/peer_{index}.jsonl`` that the launcher can pool (see ``_run_round``)."""
+    return rec.get("peer") == index and all(type(rec.get(key)) in (int, float) for key in PEER_RECORD_KEYS)
+
+
+def _lines(path: str) -> Tuple[List[bytes], bytes]:
+    """A file's complete lines (each with its newline) and what follows the last newline (an unfinished line)."""
+    with open(path, "rb") as f:
+        *lines, tail = f.read().split(b"\n")
+    return [line + b"\n" for line in lines], tail
+
+
+def read_jsonl(path: str, required: Sequence[str] = ()) -> List[Dict[str, Any]]:
+    """The rows of a jsonl file. A damaged line, or a row without a ``required`` key, is skipped with a
+    warning; an unfinished last line silently (its writer may be mid-line)."""
+    try:
+        lines, _ = _lines(path)
     except FileNotFoundError:
         return []
+    rows = []
+    for number, line in enumerate(lines, 1):
+        row = parse_row(line)
+        if row is not None and all(key in row for key in required):
+            rows.append(row)
+        elif line.strip():
+            logger.warning("skipping a damaged line in %s (line %d)", path, number)
+    return rows
 
 
-def truncate_jsonl(path: str, last_round: int) -> None:
-    """Keep the rows of rounds ≤ ``last_round`` (atomically): a resumed run appends from there, no duplicates."""
-    if not os.path.exists(path):
-        return
-    rows = [row for row in read_jsonl(path) if row["round"] <= last_round]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(tmp, path)
+def cut_jsonl(path: str, last_round: int, aside: str) -> int:
+    """Keep only the rows of rounds ≤ ``last_round`` in ``path``; every other line (later rounds, damaged or
+    unfinished lines) is written to ``aside`` first, so nothing is lost. Returns how many lines moved."""
+    try:
+        lines, tail = _lines(path)
+    except FileNotFoundError:
+        return 0
+    keep, move = [], []
+    for line in lines:
+        row = parse_row(line)
+        (keep if row is not None and row["round"] <= last_round else move).append(line)
+    move += [tail + b"\n"] if tail else []
+    if move:
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        _write_atomically(aside, lambda f: f.writelines(move))  # on disk before anything is cut
+        _write_atomically(path, lambda f: f.writelines(keep))
+    return len(move)
+
+
+def _move_later_checkpoints(run_dir: str, peers: Sequence[int], last_round: int, aside: str) -> int:
+    """Move this host's checkpoints of rounds after ``last_round`` aside: a resumed run must never mix them
+    with the rounds it runs again. Returns how many moved."""
+    moved = 0
+    for index in peers:
+        for round_index in (r for r in checkpoint_rounds(run_dir, index) if r > last_round):
+            path = checkpoint_path(run_dir, index, round_index)
+            target = os.path.join(aside, os.path.relpath(path, run_dir))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            for source in (digest_path(path), path):
+                if os.path.exists(source):
+                    os.replace(source, os.path.join(os.path.dirname(target), os.path.basename(source)))
+            moved += 1
+    return moved
 
 
 def prepare_resume(cfg: RunConfig, run_dir: str, *, primary: bool) -> int:
-    """The round a resumed run continues after; this host's files are cut back to it."""
+    """The round a resumed run continues after: the newest one every peer has an intact checkpoint of.
+
+    What this host's files hold beyond it (later rows, damaged lines, later checkpoints) is moved to
+    ``RUN_DIR/moved_aside/after-rNNNNNN-<time>-<pid>/`` under its own relative path, never deleted.
+    """
     resume_round = common_checkpoint_round(run_dir, cfg.num_peers)
     if resume_round == 0:
-        logger.warning("no round was checkpointed by every peer in %s: starting from round 1", run_dir)
-    for index in cfg.local_peers():
-        truncate_jsonl(os.path.join(run_dir, "peers", f"peer_{index:04d}.jsonl"), resume_round)
-    if primary:
-        truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), resume_round)
+        logger.warning("no round has an intact checkpoint from every peer in %s: starting again from round 1 "
+                       "(earlier results are moved aside, not deleted)", run_dir)
+    aside = os.path.join(run_dir, "moved_aside",
+                         f"after-r{resume_round:06d}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    files = [os.path.join("peers", f"peer_{index:04d}.jsonl") for index in cfg.local_peers()]
+    files += ["metrics.jsonl"] if primary else []
+    lines = sum(cut_jsonl(os.path.join(run_dir, name), resume_round, os.path.join(aside, name)) for name in files)
+    checkpoints = _move_later_checkpoints(run_dir, cfg.local_peers(), resume_round, aside)
+    if lines or checkpoints:
+        logger.warning("moved %d lines and %d checkpoints from after round %d to %s", lines, checkpoints,
+                       resume_round, aside)
     print(f"resuming {run_dir} after round {resume_round}", flush=True)
     return resume_round
 
@@ -838,10 +1036,45 @@ def _check_device(cfg: RunConfig) -> None:
 
 def prepare_run_dir(cfg: RunConfig, *, primary: bool) -> str:
     run_dir = cfg.run_dir  # always set by parse_config (config_setup.default_run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    if primary:  # one writer on a shared file system; other hosts' configs differ only in their peer range
-        save_config(dataclasses.replace(cfg, peer_range=None, initial_peers=None), os.path.join(run_dir, "config.json"))
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        if primary:  # one writer on a shared file system; other hosts' configs differ only in their peer range
+            save_config(dataclasses.replace(cfg, peer_range=None, initial_peers=None),
+                        os.path.join(run_dir, "config.json"))
+    except OSError as e:
+        raise ConfigError(f"--run-dir {run_dir}: {e.strerror or e}") from None
     return run_dir
+
+
+def _wait_for_bootstrap(cfg: RunConfig) -> None:
+    """A launcher that joins through node 0's bootstrap file waits for it here, before anything starts."""
+    from config_setup import read_allocation
+    from peer_synchronization import SyncError, multiaddrs_in, parse_initial_peers
+
+    if cfg.initial_peers and multiaddrs_in(cfg.initial_peers) is None:
+        try:
+            parse_initial_peers(cfg.initial_peers, timeout=cfg.startup_timeout, attempt=read_allocation().attempt)
+        except SyncError as e:
+            raise ConfigError(f"--initial-peers: {e}") from None
+
+
+def _pre_start(argv: Optional[Sequence[str]]):
+    """Everything that can refuse the command line, in order, before any peer or daemon starts: the flags, the
+    device, the paths, the data, the run dir, node 0's bootstrap file, the resume point. ConfigError/DataError."""
+    from ml_tasks import get_task
+
+    cfg = parse_config(argv)
+    _check_device(cfg)
+    check_paths(cfg)
+    prepared = get_task(cfg.task).prepare(cfg, cfg.run_dir)  # before peers spawn: they only load its result
+    primary = cfg.primary()
+    run_dir = prepare_run_dir(cfg, primary=primary)
+    _wait_for_bootstrap(cfg)
+    try:
+        resume_round = prepare_resume(cfg, run_dir, primary=primary) if cfg.resume else 0
+    except OSError as e:
+        raise ConfigError(f"--resume {run_dir}: cannot move earlier results aside ({e})") from None
+    return cfg, run_dir, prepared, primary, resume_round
 
 
 def _setup_console_logging() -> None:
@@ -856,19 +1089,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # hivemind scripts a function with torch.jit at import; the deprecation is torch's business, not the user's
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-    from ml_tasks import DataError, get_task
+    from ml_tasks import DataError
 
     try:
-        cfg = parse_config(argv)
-        _check_device(cfg)
-        run_dir = cfg.run_dir  # set by parse_config (under Slurm from the job id, so every node agrees)
-        prepared = get_task(cfg.task).prepare(cfg, run_dir)  # before peers spawn: they only load its result
+        cfg, run_dir, prepared, primary, resume_round = _pre_start(argv)
     except (ConfigError, DataError) as e:
-        print(f"mar_fl.py: error: {e}", file=sys.stderr)
+        print(f"mar_fl.py: error: {' '.join(str(e).splitlines())}", file=sys.stderr)  # always one line
         return EXIT_USAGE
-    primary = cfg.peer_range is None or cfg.peer_range[0] == 0
-    run_dir = prepare_run_dir(cfg, primary=primary)
-    resume_round = prepare_resume(cfg, run_dir, primary=primary) if cfg.resume else 0
     launcher = Launcher(cfg, run_dir, primary=primary, prepared=prepared, resume_round=resume_round)
 
     def on_signal(signum, frame):

@@ -114,30 +114,64 @@ def write_bootstrap_file(path: str, maddrs: Sequence[str], *, attempt: Optional[
     os.replace(tmp, path)
 
 
+def _bootstrap_addresses(path: str, attempt: Optional[str]) -> List[str]:
+    """The multiaddrs in a bootstrap file; ValueError says why there are none (yet)."""
+    with open(path) as f:
+        data = json.load(f)  # json.JSONDecodeError is a ValueError
+    if not isinstance(data, dict) or not isinstance(data.get("initial_peers"), list):
+        raise ValueError("it has no list of initial_peers")
+    if attempt is not None and data.get("attempt") != attempt:
+        raise ValueError(f"it was written by attempt {data.get('attempt')}, not {attempt}")
+    return [str(m) for m in data["initial_peers"]]
+
+
 def read_bootstrap_file(path: str, *, timeout: float, attempt: Optional[str] = None) -> List[str]:
-    """Wait up to ``timeout`` seconds for a bootstrap file written by node 0 (of ``attempt``, if given)."""
+    """Wait up to ``timeout`` seconds for a bootstrap file written by node 0 (of ``attempt``, if given).
+
+    Node 0 writes the file atomically, so an unreadable one is an older or foreign file: wait on, then say why.
+    """
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with open(path) as f:
-                data = json.load(f)
-            if attempt is None or data.get("attempt") == attempt:
-                return list(data["initial_peers"])
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
+            return _bootstrap_addresses(path, attempt)
+        except FileNotFoundError:
+            why = "it never appeared"
+        except (OSError, ValueError) as e:
+            why = str(e)
         if time.monotonic() >= deadline:
-            raise SyncError(f"no bootstrap file{' of attempt ' + attempt if attempt else ''} at {path} "
-                            f"after {timeout:.0f} s")
+            raise SyncError(f"no usable bootstrap file at {path} after {timeout:g} s: {why} "
+                            f"(is node 0 running with the same run dir?)")
         time.sleep(0.2)
+
+
+MULTIADDR_PREFIXES = ("/ip4/", "/ip6/", "/dns")
+
+
+def multiaddrs_in(value: str) -> Optional[List[str]]:
+    """The multiaddrs of a comma/space separated ``--initial-peers`` value; None when it names a file instead."""
+    if not value.startswith(MULTIADDR_PREFIXES):
+        return None
+    return [part for part in value.replace(",", " ").split() if part]
+
+
+def check_multiaddr(maddr: str) -> None:
+    """ValueError unless ``maddr`` parses (hivemind's Multiaddr) and names the peer to dial (``/p2p/<id>``)."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    try:
+        protocols = {p.name for p in Multiaddr(maddr).protocols()}
+    except ValueError as e:
+        raise ValueError(f"{maddr!r} is not a valid multiaddr ({e})") from None
+    if "p2p" not in protocols:
+        raise ValueError(f"{maddr!r} has no /p2p/<peer id> part")
 
 
 def parse_initial_peers(value: Optional[str], *, timeout: float = 120.0, attempt: Optional[str] = None) -> List[str]:
     """``--initial-peers``: comma/space separated multiaddrs, or the path of a bootstrap file."""
     if not value:
         return []
-    if value.startswith("/ip4/") or value.startswith("/ip6/") or value.startswith("/dns"):
-        return [part for part in value.replace(",", " ").split() if part]
-    return read_bootstrap_file(value, timeout=timeout, attempt=attempt)
+    maddrs = multiaddrs_in(value)
+    return maddrs if maddrs is not None else read_bootstrap_file(value, timeout=timeout, attempt=attempt)
 
 
 # ==================== addresses ====================

@@ -92,3 +92,23 @@ def test_cuda_without_gpu_is_refused_up_front(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "mar_fl.py"), "--dv", "cuda", "--run-dir",
                            str(tmp_path / "run"), "--wandb", "disabled"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--dv cuda" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_counts_only_flags_given_and_different(tmp_path):
+    from config_setup import save_config
+
+    save_config(parse_config(["--np", "4", "--rounds", "20", "--run-dir", str(tmp_path), "--wandb", "disabled"]),
+                str(tmp_path / "config.json"))
+    same = parse_config(["--resume", str(tmp_path), "--np", "4", "--run-dir", str(tmp_path)])
+    assert same.num_peers == 4 and same.rounds == 20  # a flag equal to the saved value is no change
+    longer = parse_config(["--resume", str(tmp_path), "--rounds", "500"])
+    assert longer.rounds == 500  # applied although 500 is the default
+    with pytest.raises(ConfigError, match="--np cannot change"):
+        parse_config(["--resume", str(tmp_path), "--np", "8"])  # 8 is the default, but it was given
+
+
+def test_ipv4_hosts_and_concrete_announce_addresses_are_accepted():
+    cfg = parse_config(["--host", "0.0.0.0", "--announce-host", "10.1.2.3", "--wandb", "disabled"])
+    assert (cfg.host, cfg.announce_host) == ("0.0.0.0", "10.1.2.3")
+    assert parse_config(["-sd", str(2**63 - 1), "--wandb", "disabled"]).seed == 2**63 - 1
+    assert parse_config(["--np", "4", "--up", "25", "--wandb", "disabled"]).update_percent == 25

@@ -33,7 +33,7 @@ def final_models(run_dir):
     models = []
     for i in range(NP):
         path = os.path.join(run_dir, "checkpoints", f"peer_{i:04d}", f"round_{ROUNDS:06d}.pt")
-        models.append(torch.load(path, map_location="cpu", weights_only=False)["model"])
+        models.append(torch.load(path, map_location="cpu", weights_only=True)["model"])
     return models
 
 
