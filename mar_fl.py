@@ -233,7 +233,8 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
     state = _init_peer_state(cfg, task, prepared, train, index, torch.device(device))
     averager = MoshpitAverager(network, AveragerOptions(
         prefix=prefix, index=index, compression=cfg.compression,
-        matchmaking_timeout=cfg.matchmaking_timeout, allreduce_timeout=cfg.allreduce_timeout))
+        matchmaking_timeout=cfg.matchmaking_timeout, allreduce_timeout=cfg.allreduce_timeout,
+        num_peers=cfg.num_peers))
     rt = PeerRuntime(task=task, prepared=prepared, train=train, test=test,
                      test_idx=eval_slice(len(test), index, cfg.num_peers),
                      num_batches=mini_batches_per_round(cfg, num_samples=len(train)), averager=averager,
@@ -277,10 +278,10 @@ def _stop_requested(network, prefix: str, state: PeerState, round_index: int) ->
         logger.warning("control read failed: %r", e)
         return False
     # every launcher that decides a stop writes its own subkey; the earliest round wins, so all peers agree
-    stops = [int(v) for k, v in record.items() if str(k).startswith("stop_after")]
+    stops = [v for k, v in record.items() if str(k).startswith("stop_after") and type(v) is int and v >= 0]
     if stops:
         state.stop_after = min(stops)
-        state.preempted = bool(record.get("preempt")) or state.preempted
+        state.preempted = record.get("preempt") is True or state.preempted
     return state.stop_after is not None and round_index > state.stop_after
 
 

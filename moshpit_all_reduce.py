@@ -26,9 +26,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, anext, as_aiter
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
-from peer_synchronization import PeerNetwork, poll_until, publish, read_subkeys
+from peer_synchronization import PeerNetwork, dht_time, poll_until, publish, read_subkeys
 
 logger = logging.getLogger("mar_fl.mar")
 
@@ -157,15 +158,40 @@ class _Traffic:
     received: int = 0
 
 
+def check_part(part: torch.Tensor, *, shape, dtype: torch.dtype) -> Optional[str]:
+    """Why a tensor part received from the wire cannot be used (None: it can)."""
+    if tuple(part.shape) != tuple(shape):
+        return f"shape {tuple(part.shape)} instead of {tuple(shape)}"
+    if part.dtype != dtype:
+        return f"dtype {part.dtype} instead of {dtype}"
+    if not bool(torch.isfinite(part).all()):
+        return "non-finite values"
+    return None
+
+
 class OrderedReducer(TensorPartReducer):
     """Sums each shard in sender order once all senders are in, so results do not depend on arrival order
-    (hivemind adds parts as they arrive, which makes float results differ from run to run)."""
+    (hivemind adds parts as they arrive, which makes float results differ from run to run).
+
+    Every part is checked before it is summed (shape, dtype, finite values); a sender whose part fails is banned
+    for the rest of the exchange. Weights on the wire are ignored: MAR averages with equal weights, known to all.
+    """
+
+    def __init__(self, part_shapes, num_senders, *, on_reject: Callable[[int, str], None]):
+        super().__init__(part_shapes, num_senders)
+        self.on_reject = on_reject
 
     def reset_accumulators(self):
         self._pending: Dict[int, Tuple[torch.Tensor, float]] = {}
         super().reset_accumulators()
 
     async def accumulate_part(self, sender_index, part_index, tensor_part, weight=1.0):
+        shape = self.part_shapes[part_index] if 0 <= part_index < self.num_parts else None
+        problem = "unexpected part" if shape is None else check_part(tensor_part, shape=shape, dtype=torch.float32)
+        if problem is not None:
+            self.on_reject(sender_index, f"part {part_index}: {problem}")
+            raise BannedException(f"sender {sender_index} sent an invalid part: {problem}")
+        weight = 1.0
         self.num_parts_received[sender_index] += 1
         while part_index > self.current_part_index:
             await asyncio.wait(
@@ -199,15 +225,32 @@ class CountingRunner(AllReduceRunner):
     def __init__(self, *, traffic: _Traffic, **kwargs):
         super().__init__(**kwargs)
         self.traffic = traffic
+        self.rejected: Dict[PeerID, str] = {}  # group-mates whose data failed the checks, and why
         shapes = tuple(part.shape for part in self.parts_for_local_averaging)
         self.tensor_part_reducer.finished.set()  # retire hivemind's reducer quietly (its finalizer warns)
-        self.tensor_part_reducer = OrderedReducer(shapes, len(self.sender_peer_ids))
+        self.tensor_part_reducer = OrderedReducer(
+            shapes, len(self.sender_peer_ids),
+            on_reject=lambda sender, why: self.rejected.setdefault(self.sender_peer_ids[sender], why))
+        container = self.tensor_part_container
+        self._expected_parts = [[(part.shape, part.dtype) for part, _ in parts] for parts in container._input_parts_by_peer]
+        self._register_unchecked = container.register_processed_part
+        container.register_processed_part = self._register_checked
         # groupmates still downloading our shard's average when our own result is complete; a banned
         # (dead or silent) sender will never come, so it counts as served
         own_parts = self.tensor_part_container.num_parts_by_peer[self.ordered_peer_ids.index(self.peer_id)]
         self._to_serve = {p for p in self.sender_peer_ids if p != self.peer_id} if own_parts else set()
         self.all_served = asyncio.Event()
         self._check_served()
+
+    def _register_checked(self, peer_index: int, part_index: int, part: torch.Tensor) -> None:
+        """A reducer's averaged shard must match what we sent it; otherwise our values for it stay local."""
+        expected = self._expected_parts[peer_index]
+        problem = "unexpected part" if part_index >= len(expected) else \
+            check_part(part, shape=expected[part_index][0], dtype=expected[part_index][1])
+        if problem is not None:
+            self.rejected.setdefault(self.ordered_peer_ids[peer_index], f"averaged part {part_index}: {problem}")
+            raise AveragingError(f"reducer {peer_index} returned an invalid part {part_index}: {problem}")
+        self._register_unchecked(peer_index, part_index, part)
 
     def _check_served(self) -> None:
         if not self._to_serve - self.banned_senders:
@@ -259,7 +302,7 @@ class MoshpitServicer(ServicerBase):
 
     def __init__(self):
         self.runners: Dict[bytes, CountingRunner] = {}
-        self.shared: Dict[bytes, Tuple[List[Any], _Traffic]] = {}
+        self.shared: Dict[bytes, Tuple[List[Any], _Traffic, FrozenSet[bytes]]] = {}
         self.registered = asyncio.Condition()
         self.wait_timeout = 30.0
 
@@ -287,6 +330,9 @@ class MoshpitServicer(ServicerBase):
         if runner is None:
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             return
+        if context.remote_id not in runner.sender_peer_ids:  # only the group's members may send it parts
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
         async for msg in runner.rpc_aggregate_part(achain(as_aiter(request), stream), context):
             yield msg
 
@@ -297,7 +343,10 @@ class MoshpitServicer(ServicerBase):
         if entry is None:
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             return
-        chunks, traffic = entry
+        chunks, traffic, members = entry
+        if context.remote_id.to_bytes() not in members:  # our model goes to group-mates only
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
         traffic.received += request.ByteSize()
         for chunk in chunks:
             msg = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=chunk)
@@ -313,6 +362,76 @@ class AveragerOptions:
     matchmaking_timeout: float = 60.0  # how long a group waits for missing members before going ahead
     allreduce_timeout: float = 30.0  # a member silent this long is dropped from the exchange
     dht_ttl: float = 600.0
+    num_peers: int = 1 << 20  # indices on the wire must lie below this
+    heartbeat_interval: float = 5.0  # how often a peer renews its liveness record (it expires after 4 intervals)
+
+
+MAX_PEER_ID_BYTES = 64
+
+
+def parse_index(text: Any, num_peers: int) -> Optional[int]:
+    """A peer index from the wire: ASCII digits only (no signs, spaces or other scripts' digits), in range."""
+    if isinstance(text, str) and 0 < len(text) <= 10 and text.isascii() and text.isdigit():
+        value = int(text)
+        return value if value < num_peers else None
+    return None
+
+
+def _peer_id_bytes(value: Any) -> Optional[bytes]:
+    return bytes(value) if isinstance(value, (bytes, bytearray)) and 0 < len(value) <= MAX_PEER_ID_BYTES else None
+
+
+def parse_declarations(record: Dict[str, Any], num_peers: int) -> Dict[int, bytes]:
+    """``{index: peer id}`` of a group key's well-formed declarations (anything else is ignored)."""
+    declared: Dict[int, bytes] = {}
+    for subkey, value in record.items():
+        index, peer_id = parse_index(subkey, num_peers), _peer_id_bytes(value)
+        if index is not None and peer_id is not None:
+            declared[index] = peer_id
+    return declared
+
+
+def parse_final(value: Any, num_peers: int) -> Optional[List["_Member"]]:
+    """A leader's final member list: ``[[index, peer id], ...]``, indices ascending and in range; else None."""
+    if not isinstance(value, (list, tuple)) or not 0 < len(value) <= min(num_peers, 4096):
+        return None
+    members = []
+    for item in value:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and type(item[0]) is int):
+            return None
+        peer_id = _peer_id_bytes(item[1])
+        if peer_id is None or not 0 <= item[0] < num_peers or (members and item[0] <= members[-1].index):
+            return None
+        members.append(_Member(item[0], peer_id))
+    return members
+
+
+class Liveness:
+    """Which peers this peer still waits for: those that missed a group are presumed gone until their liveness
+    record (renewed every few seconds by every running peer, expiring on its own) is newer than the miss."""
+
+    def __init__(self):
+        self.missed: Dict[int, float] = {}  # index -> DHT time at which it missed a group
+        self.heartbeats: Dict[int, float] = {}  # index -> DHT time of its newest liveness record
+
+    def presumed_gone(self, index: int) -> bool:
+        missed = self.missed.get(index)
+        return missed is not None and self.heartbeats.get(index, -math.inf) <= missed
+
+    def observe(self, *, expected: FrozenSet[int], present: Set[int]) -> None:
+        from peer_synchronization import dht_time
+
+        now = dht_time()
+        for index in expected - present:
+            self.missed.setdefault(index, now)
+        for index in present:
+            self.missed.pop(index, None)
+
+    def update(self, heartbeats: Dict[int, float]) -> None:
+        self.heartbeats = heartbeats
+        for index, beat in heartbeats.items():
+            if index in self.missed and beat > self.missed[index]:
+                del self.missed[index]
 
 
 @dataclass
@@ -329,13 +448,51 @@ class MoshpitAverager:
         self.compression = make_compression(options.compression)
         self._runner_cls = CountingRunner
         self._servicer_cls = MoshpitServicer
+        self.liveness = Liveness()
+        self.excluded: Set[int] = set()  # group-mates left out for the rest of this round (sent bad data, went silent)
+        self._round: Optional[int] = None
         self.servicer = network.run(self._make_servicer(), timeout=60)
+        self._heartbeat = network.run(self._start_heartbeat(), timeout=30)
 
     async def _make_servicer(self):
         servicer = self._servicer_cls()
         servicer.wait_timeout = self.options.matchmaking_timeout
         await servicer.add_p2p_handlers(self.network.p2p, namespace=self.options.prefix)
         return servicer
+
+    # ---------- liveness ----------
+
+    def _alive_key(self) -> str:
+        return f"{self.options.prefix}.alive"
+
+    async def _start_heartbeat(self) -> asyncio.Task:
+        async def beat_forever():
+            while True:
+                try:
+                    await publish(self.network.dht, self._alive_key(), str(self.options.index), dht_time(),
+                                  ttl=4 * self.options.heartbeat_interval)
+                except Exception as e:  # noqa: BLE001 - the next beat retries
+                    logger.debug("heartbeat failed: %r", e)
+                await asyncio.sleep(self.options.heartbeat_interval)
+
+        return asyncio.create_task(beat_forever())
+
+    def begin_round(self, round_index: int) -> None:
+        """Once per round: forgive last round's offenders and read who is alive (one DHT read)."""
+        if self._round == round_index:
+            return
+        self._round, self.excluded = round_index, set()
+        try:
+            record = self.network.run(read_subkeys(self.network.dht, self._alive_key()), timeout=30)
+        except Exception as e:  # noqa: BLE001 - without fresh heartbeats we keep the old view
+            logger.warning("liveness read failed: %r", e)
+            return
+        beats = {}
+        for subkey, value in record.items():
+            index = parse_index(subkey, self.options.num_peers)
+            if index is not None and isinstance(value, float) and math.isfinite(value):
+                beats[index] = value
+        self.liveness.update(beats)
 
     # ---------- matchmaking ----------
 
@@ -345,45 +502,54 @@ class MoshpitAverager:
     async def _form_group(self, key: str, expected: FrozenSet[int], deadline: float) -> List[_Member]:
         """Declare ourselves under ``key``; the lowest declared index publishes the final list, all obey it.
 
-        The leader waits until every expected member declared or the deadline passed. A member missing from the
-        final list (it came too late) averages alone this step, which keeps groups symmetric.
+        The leader waits until every expected member that is not presumed gone declared, or the deadline passed.
+        A member missing from the final list (it came too late) averages alone this step, which keeps groups
+        symmetric. Expected members that did not make it are presumed gone until they show signs of life.
         """
-        me = self.options.index
+        me, dht, ttl = self.options.index, self.network.dht, self.options.dht_ttl
         own_id = self.network.p2p.peer_id.to_bytes()
-        await publish(self.network.dht, key, str(me), own_id, ttl=self.options.dht_ttl)
+        stored = await publish(dht, key, str(me), own_id, ttl=ttl)
         result: List[_Member] = [_Member(me, own_id)]
+        wait_for = frozenset(i for i in expected if not self.liveness.presumed_gone(i))
         grace = max(2.0, 0.25 * self.options.matchmaking_timeout)
 
         async def settled() -> bool:
-            nonlocal result
-            record = await read_subkeys(self.network.dht, key)
-            if _FINAL in record:
-                final = [_Member(int(i), bytes(pid)) for i, pid in record[_FINAL]]
-                result = final if any(m.index == me for m in final) else [_Member(me, own_id)]
+            nonlocal result, stored
+            if not stored:  # a failed store is retried, never silently ignored
+                stored = await publish(dht, key, str(me), own_id, ttl=ttl)
+            record = await read_subkeys(dht, key)
+            final = parse_final(record.get(_FINAL), self.options.num_peers)
+            if final is not None:
+                result = final if any(m.index == me and m.peer_id == own_id for m in final) else [_Member(me, own_id)]
                 return True
-            declared = {int(s): bytes(v) for s, v in record.items() if s != _FINAL}
-            declared.setdefault(me, own_id)
+            declared = parse_declarations(record, self.options.num_peers)
+            declared[me] = own_id
             now = time.monotonic()
-            if min(declared) == me and (expected <= declared.keys() or now >= deadline):
-                result = [_Member(i, declared[i]) for i in sorted(declared)]
-                value = [[m.index, m.peer_id] for m in result]
-                await publish(self.network.dht, key, _FINAL, value, ttl=self.options.dht_ttl)
+            if min(declared) == me and (wait_for <= declared.keys() or now >= deadline):
+                result = [_Member(i, declared[i]) for i in sorted(declared) if i not in self.excluded or i == me]
+                await publish(dht, key, _FINAL, [[m.index, m.peer_id] for m in result], ttl=ttl)
                 return True
             return now >= deadline + grace
 
         await poll_until(settled, deadline=deadline + grace)
+        self.liveness.observe(expected=expected, present={m.index for m in result})
         return result
 
     # ---------- exchanges ----------
 
-    def _group_id(self, key: str) -> bytes:
-        return hashlib.sha256(key.encode()).digest()[:20]
+    @staticmethod
+    def _group_id(key: str, members: Sequence[_Member]) -> bytes:
+        """Derived from the key *and* the final member list: two different lists can never be averaged together."""
+        digest = hashlib.sha256(key.encode())
+        for member in members:
+            digest.update(member.index.to_bytes(8, "big") + len(member.peer_id).to_bytes(2, "big") + member.peer_id)
+        return digest.digest()[:20]
 
     def _peer_ids(self, members: Sequence[_Member]):
         return [PeerID(m.peer_id) for m in members]
 
     async def _allreduce(self, key, members, tensors, weight, traffic) -> Tuple[Tuple[int, ...], int]:
-        group_id = self._group_id(key)
+        group_id = self._group_id(key, members)
         timeout = self.options.allreduce_timeout
         runner = self._runner_cls(
             traffic=traffic,
@@ -411,13 +577,17 @@ class MoshpitAverager:
             self.servicer.runners.pop(group_id, None)
         failed = runner.tensor_part_container.failed_size
         banned = {bytes(p.to_bytes()) for p in runner.banned_senders}
+        for peer_id, why in runner.rejected.items():
+            index = next((m.index for m in members if m.peer_id == peer_id.to_bytes()), None)
+            logger.warning("group %s: rejected data from peer %s: %s", key, index, why)
+            banned.add(peer_id.to_bytes())
         lost = tuple(m.index for m in members if m.peer_id in banned)
         if failed:
             logger.warning("group %s: %d values kept local after a reducer failed", key, failed)
         return lost, failed
 
     async def _gather(self, key, members, tensors, traffic) -> Dict[int, List[torch.Tensor]]:
-        group_id = self._group_id(key)
+        group_id = self._group_id(key, members)
         own_chunks = [
             chunk
             for tensor in tensors
@@ -425,7 +595,8 @@ class MoshpitAverager:
                 serialize_torch_tensor(tensor.detach().cpu(), self.compression.compression_type)
             )
         ]
-        await self.servicer.register(self.servicer.shared, group_id, (own_chunks, traffic))
+        member_ids = frozenset(m.peer_id for m in members)
+        await self.servicer.register(self.servicer.shared, group_id, (own_chunks, traffic, member_ids))
         results: Dict[int, List[torch.Tensor]] = {}
 
         async def fetch(member: _Member) -> None:
@@ -441,7 +612,13 @@ class MoshpitAverager:
                 if msg.code != averaging_pb2.AVERAGED_PART:
                     raise AveragingError(f"peer {member.index} refused gather: {msg.code}")
                 parts.append(msg.tensor_part)
-            results[member.index] = [deserialize_torch_tensor(t) for t in _regroup(parts, combine_from_streaming)]
+            received = [deserialize_torch_tensor(t) for t in _regroup(parts, combine_from_streaming)]
+            problems = [check_part(got, shape=own.shape, dtype=own.dtype) for got, own in zip(received, tensors)]
+            problem = f"{len(received)} tensors instead of {len(tensors)}" if len(received) != len(tensors) \
+                else next((p for p in problems if p is not None), None)
+            if problem is not None:
+                raise AveragingError(f"peer {member.index} sent unusable tensors: {problem}")
+            results[member.index] = received
 
         others = [m for m in members if m.index != self.options.index]
         outcomes = await asyncio.gather(
@@ -478,6 +655,7 @@ class MoshpitAverager:
             report.failed_peers, kept = await self._allreduce(key, members, tensors, weight, traffic)
             if kept:
                 report.failed, report.reason = True, f"{kept} values kept local"
+        self.excluded.update(report.failed_peers)
         report.bytes_sent, report.bytes_received = traffic.sent, traffic.received
         report.matchmaking_seconds = matched - started
         report.seconds = time.monotonic() - started
@@ -525,6 +703,7 @@ class MoshpitAverager:
         return 1.25 * opts.matchmaking_timeout + 3 * opts.allreduce_timeout + 30
 
     def close(self) -> None:
+        self.network.loop.call_soon_threadsafe(self._heartbeat.cancel)
         try:
             self.network.run(
                 self.servicer.remove_p2p_handlers(self.network.p2p, namespace=self.options.prefix), timeout=5
@@ -602,6 +781,7 @@ def moshpit_steps(
     me = averager.options.index
     if me not in ordered:
         raise AveragingError(f"peer {me} is not among this round's participants")
+    averager.begin_round(round_index)
     gs, gk = schedule.group_size, schedule.key_dim
     plan = simulate_schedule(len(ordered), gs, gk, schedule.num_steps)
     n_groups = num_groups(len(ordered), gs, gk)

@@ -538,15 +538,24 @@ async def async_barrier(
     """Announce ``me`` under ``key`` and wait until all ``expected`` indices arrived or ``timeout`` passes."""
     await publish(dht, key, str(me), True, ttl=ttl)
     wanted = frozenset(expected)
+    limit = max(wanted | {me}) + 1  # subkeys outside the expected range are nobody we wait for
     arrived: FrozenSet[int] = frozenset({me})
 
     async def everyone_there() -> bool:
         nonlocal arrived
-        arrived = frozenset(int(s) for s in await read_subkeys(dht, key)) | {me}
+        record = await read_subkeys(dht, key)
+        arrived = frozenset(i for i in (_barrier_index(s, limit) for s in record) if i is not None) | {me}
         return wanted <= arrived
 
     await poll_until(everyone_there, deadline=time.monotonic() + timeout)
     return arrived
+
+
+def _barrier_index(subkey: Any, limit: int) -> Optional[int]:
+    """ASCII digits only, below ``limit``: a malformed subkey is ignored, never a crash or an alias."""
+    if isinstance(subkey, str) and 0 < len(subkey) <= 10 and subkey.isascii() and subkey.isdigit():
+        return int(subkey) if int(subkey) < limit else None
+    return None
 
 
 def barrier(
