@@ -168,7 +168,8 @@ def _watch_launcher(launcher_pid: int) -> None:
 
 
 def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers: List[str], prefix: str,
-               launcher_pid: int, prepared: Dict[str, Any], resume_round: int = 0) -> None:
+               launcher_pid: int, prepared: Dict[str, Any], resume_round: int = 0,
+               run_secret: Optional[bytes] = None) -> None:
     """Process entry point of one peer."""
     os.setpgrp()  # its own process group: the launcher can reap the peer's p2pd even after a SIGKILL
 
@@ -186,7 +187,8 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
 
         device = _pin_peer(cfg, index)
         options = NetworkOptions(initial_peers=initial_peers, host=cfg.host, announce_host=cfg.announce_host,
-                                 nat_port_map=cfg.nat_port_map, startup_timeout=cfg.startup_timeout, prefix=prefix)
+                                 nat_port_map=cfg.nat_port_map, startup_timeout=cfg.startup_timeout, prefix=prefix,
+                                 run_secret=run_secret)
         network = PeerNetwork(options).start()
         run_peer(cfg, index=index, run_dir=run_dir, network=network, prefix=prefix, device=device,
                  prepared=prepared, resume_round=resume_round)
@@ -677,6 +679,7 @@ class Launcher:
         self.prefix = f"marfl.{os.path.basename(os.path.abspath(run_dir))}.s{cfg.seed}"
         self.procs: Dict[int, Any] = {}
         self.network = None
+        self.run_secret: Optional[bytes] = None
         self.stop_reason: Optional[str] = None
         self.stopping = False
         self.wandb = None
@@ -686,12 +689,15 @@ class Launcher:
         self.started = time.time()
 
     def _start_network(self) -> List[str]:
-        from peer_synchronization import NetworkOptions, PeerNetwork, parse_initial_peers, write_bootstrap_file
+        from peer_synchronization import (NetworkOptions, PeerNetwork, load_run_secret, parse_initial_peers,
+                                          write_bootstrap_file)
 
         initial = parse_initial_peers(self.cfg.initial_peers, timeout=self.cfg.startup_timeout,
                                       attempt=self.allocation.attempt)
+        # written before bootstrap.json, so a launcher that found the bootstrap file finds the secret too
+        self.run_secret = load_run_secret(self.run_dir, create=self.primary, timeout=self.cfg.startup_timeout)
         options = NetworkOptions(initial_peers=initial, host=self.cfg.host, announce_host=self.cfg.announce_host,
-                                 nat_port_map=self.cfg.nat_port_map, prefix=self.prefix)
+                                 nat_port_map=self.cfg.nat_port_map, prefix=self.prefix, run_secret=self.run_secret)
         self.network = PeerNetwork(options).start()
         maddrs = self.network.visible_maddrs()
         if not initial:
@@ -706,7 +712,7 @@ class Launcher:
         for index in self.cfg.local_peers():
             proc = ctx.Process(target=peer_entry, name=f"peer-{index}",
                                args=(self.cfg.to_json(), index, self.run_dir, initial_peers, self.prefix, os.getpid(),
-                                     self.prepared, self.resume_round))
+                                     self.prepared, self.resume_round, self.run_secret))
             proc.start()
             self.procs[index] = proc
 

@@ -286,6 +286,93 @@ class RoutedP2P:
             raise
 
 
+# ==================== closed runs ====================
+
+
+def _record_validator_base():
+    from hivemind.dht.validation import RecordValidatorBase
+
+    return RecordValidatorBase
+
+
+class RunSecretValidator(_record_validator_base()):
+    """Only holders of the run's secret can write DHT records that other members accept.
+
+    Each stored value carries an HMAC-SHA256 over (key, subkey, value, expiration) under the per-run secret; a
+    record without a valid tag is refused when a stranger asks a member to store it and ignored when a member
+    reads it. Records stay readable by anyone who can reach a node: authenticity, not confidentiality.
+    """
+
+    TAG = b"[marfl-hmac:"
+    SUFFIX = len(TAG) + 32 + 1
+
+    def __init__(self, secret: bytes):
+        if len(secret) < 16:
+            raise ValueError("the run secret must be at least 16 bytes")
+        self._secret = bytes(secret)
+
+    def _mac(self, record, value: bytes) -> bytes:
+        import hashlib
+        import hmac
+        import struct
+
+        fields = (record.key, record.subkey, value, struct.pack(">d", record.expiration_time))
+        message = b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+        return hmac.new(self._secret, message, hashlib.sha256).digest()
+
+    def sign_value(self, record) -> bytes:
+        return record.value + self.TAG + self._mac(record, record.value) + b"]"
+
+    def validate(self, record) -> bool:
+        import hmac
+
+        value = record.value
+        if len(value) < self.SUFFIX or not value.endswith(b"]") or value[-self.SUFFIX:-33] != self.TAG:
+            return False
+        return hmac.compare_digest(value[-33:-1], self._mac(record, value[: -self.SUFFIX]))
+
+    def strip_value(self, record) -> bytes:
+        return record.value[: -self.SUFFIX]
+
+    @property
+    def priority(self) -> int:
+        return 10  # outermost: checked before anything looks inside the value
+
+
+def load_run_secret(run_dir: str, *, create: bool, timeout: float = 0.0) -> bytes:
+    """The run's shared secret: ``MARFL_RUN_SECRET`` (hex) if set, else ``RUN_DIR/run_secret`` (mode 0600).
+
+    The primary launcher creates the file; the others (same user, shared file system) wait up to ``timeout``
+    seconds for it. Without the secret nobody can write records that the run's peers accept.
+    """
+    env = os.environ.get("MARFL_RUN_SECRET")
+    if env:
+        try:
+            secret = bytes.fromhex(env)
+        except ValueError:
+            raise SyncError("MARFL_RUN_SECRET must be hex") from None
+        if len(secret) < 16:
+            raise SyncError("MARFL_RUN_SECRET must hold at least 16 bytes (32 hex digits)")
+        return secret
+    path = os.path.join(run_dir, "run_secret")
+    if create:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(os.urandom(32).hex())
+        except FileExistsError:
+            pass  # a resumed run keeps its secret
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as f:
+                return bytes.fromhex(f.read().strip())
+        except (FileNotFoundError, ValueError):
+            if time.monotonic() >= deadline:
+                raise SyncError(f"no run secret at {path} (the first launcher writes it; or set MARFL_RUN_SECRET)")
+            time.sleep(0.2)
+
+
 # ==================== network runtime ====================
 
 
@@ -298,6 +385,7 @@ class NetworkOptions:
     nat_port_map: bool = False  # p2pd's UPnP/NAT-PMP probing of the local router is opt-in (WAN runs only)
     startup_timeout: float = 60.0
     prefix: str = "marfl"  # run scope of the address records
+    run_secret: Optional[bytes] = None  # records must carry this run's HMAC (None: an open DHT, tests only)
     address_ttl: float = 600.0
 
 
@@ -359,6 +447,7 @@ class PeerNetwork:
             cache_on_store=False,
             wait_timeout=DHT_RPC_TIMEOUT,
             ensure_bootstrap_success=False,  # checked below, with retries instead of one 3-second chance
+            record_validator=RunSecretValidator(opts.run_secret) if opts.run_secret else None,
         )
         self.p2p.lookup = self._lookup_address
         await self._ensure_bootstrapped(time.monotonic() + opts.startup_timeout)

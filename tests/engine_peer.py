@@ -20,6 +20,40 @@ def initial_tensors(index: int):
     return [torch.randn(200_000, generator=g), torch.randn(37, 11, generator=g)]
 
 
+EVIL_MODES = {"nan", "shape", "dtype", "weight", "delta"}
+
+
+def evil_runner(mode: str):
+    """A group-mate that sends NaN / wrong-shaped / wrong-dtype parts, claims a huge weight, or (as a reducer)
+    returns averaged shards of the wrong length."""
+    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+
+    from moshpit_all_reduce import CountingRunner
+
+    def corrupt(part):
+        tensor = deserialize_torch_tensor(part)
+        bad = {"nan": lambda: torch.full_like(tensor, float("nan")), "shape": lambda: torch.zeros(7),
+               "dtype": lambda: tensor.double()}[mode]()
+        part.CopyFrom(serialize_torch_tensor(bad))
+
+    class EvilRunner(CountingRunner):
+        async def _generate_input_for_peer(self, peer_index):
+            async for msg in super()._generate_input_for_peer(peer_index):
+                if mode == "weight":
+                    msg.weight = 1e9
+                elif mode != "delta":
+                    corrupt(msg.tensor_part)
+                yield msg
+
+        async def _accumulate_parts_streaming(self, stream, sender_index):
+            async for msg in super()._accumulate_parts_streaming(stream, sender_index):
+                if mode == "delta":
+                    msg.tensor_part.CopyFrom(serialize_torch_tensor(torch.zeros(3)))
+                yield msg
+
+    return EvilRunner
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--index", type=int, required=True)
@@ -32,6 +66,7 @@ def main() -> None:
     p.add_argument("--die-in-step", type=int, default=None)
     p.add_argument("--compression", default="none")
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--evil", default=None, choices=sorted(EVIL_MODES), help="misbehave as a group-mate")
     args = p.parse_args()
     os.setpgrp()  # the test can then reap our p2pd even if we are SIGKILLed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -42,6 +77,8 @@ def main() -> None:
         averager = MoshpitAverager(net, AveragerOptions(prefix="enginetest", index=args.index,
                                                         compression=args.compression,
                                                         matchmaking_timeout=4.0, allreduce_timeout=3.0))
+        if args.evil:
+            averager._runner_cls = evil_runner(args.evil)
         if args.die_in_step is not None:
             original = averager._allreduce
 

@@ -1,0 +1,136 @@
+"""Bad group-mates and strangers: one bad peer never takes an honest one down, and a run is closed to outsiders."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from engine_peer import initial_tensors
+from peer_synchronization import NetworkOptions, PeerNetwork, barrier, publish, read_subkeys
+
+SECRET = bytes(range(32))
+
+
+def run_group(tmp_path, bootstrap, *, evil_mode):
+    """Peers 0 and 1 are honest, peer 2 misbehaves; one group of three, one MAR step."""
+    procs = {}
+    for i in range(3):
+        cmd = [sys.executable, os.path.join(ROOT, "tests", "engine_peer.py"), "--index", str(i), "--np", "3",
+               "--gs", "3", "--ni", "1", "--alive", "0,1,2", "--initial-peers", bootstrap,
+               "--out", str(tmp_path / f"peer{i}.pt")] + (["--evil", evil_mode] if i == 2 else [])
+        procs[i] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"peer{i}.log", "w"))
+    try:
+        codes = {i: p.wait(timeout=240) for i, p in procs.items()}  # a hang check, not a speed assertion
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            try:
+                os.killpg(p.pid, 9)
+            except (ProcessLookupError, PermissionError):
+                pass
+    return codes
+
+
+@pytest.fixture
+def bootstrap(no_new_p2pd):
+    net = PeerNetwork(NetworkOptions(prefix="enginetest")).start()
+    yield ",".join(net.visible_maddrs())
+    net.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["nan", "shape", "dtype", "delta", "weight"])
+def test_a_bad_groupmate_never_breaks_the_honest_peers(tmp_path, bootstrap, mode):
+    codes = run_group(tmp_path, bootstrap, evil_mode=mode)
+    assert codes[0] == 0 and codes[1] == 0, (tmp_path / "peer0.log").read_text()[-3000:]
+    honest = [torch.load(tmp_path / f"peer{i}.pt") for i in (0, 1)]
+    for tensors in honest:
+        assert all(bool(torch.isfinite(t).all()) for t in tensors)
+    if mode == "weight":  # wire weights are ignored: the plain mean of all three
+        for tensors in honest:
+            for k, got in enumerate(tensors):
+                want = torch.stack([initial_tensors(i)[k] for i in range(3)]).mean(0)
+                assert (got - want).abs().max().item() < 1e-5
+    else:
+        logs = (tmp_path / "peer0.log").read_text() + (tmp_path / "peer1.log").read_text()
+        assert "rejected data from peer 2" in logs
+        for tensors in honest:  # every value is local, the honest mean, or (peer 2's own shard, which it reduced
+            for k, got in enumerate(tensors):  # correctly from its real values) the mean of all three
+                own = [initial_tensors(i)[k] for i in range(3)]
+                candidates = (own[0], own[1], (own[0] + own[1]) / 2, (own[0] + own[1] + own[2]) / 3)
+                close = torch.zeros_like(got, dtype=torch.bool)
+                for c in candidates:
+                    close |= (got - c).abs() < 1e-5
+                assert bool(close.all())
+
+
+@pytest.fixture
+def closed_run(no_new_p2pd):
+    """Two members of a run (sharing its secret) and a stranger who knows a member's multiaddr."""
+    boot = PeerNetwork(NetworkOptions(prefix="closed", run_secret=SECRET)).start()
+    maddrs = boot.visible_maddrs()
+    member = PeerNetwork(NetworkOptions(initial_peers=maddrs, prefix="closed", run_secret=SECRET)).start()
+    stranger = PeerNetwork(NetworkOptions(initial_peers=maddrs, prefix="closed")).start()
+    try:
+        yield boot, member, stranger
+    finally:
+        for net in (stranger, member, boot):
+            net.shutdown()
+
+
+def test_strangers_cannot_write_records_the_run_accepts(closed_run):
+    boot, member, stranger = closed_run
+    forged = [("closed.start", str(i), True) for i in range(8)] + [("closed.start", "x", True),
+                                                                   ("closed.start", "\u0667", True),
+                                                                   ("closed.control", "stop_after.0", 0),
+                                                                   ("closed.control", "stop_after.1", "boom"),
+                                                                   ("closed.g", "final", [[0, b"x"], [7, b"y"]])]
+    for key, subkey, value in forged:
+        stranger.run(publish(stranger.dht, key, subkey, value, ttl=60), timeout=30)
+    assert boot.run(publish(boot.dht, "closed.start", "0", True, ttl=60), timeout=30)
+    seen = member.run(read_subkeys(member.dht, "closed.start"), timeout=30)
+    assert set(seen) == {"0"}  # only the member's own declaration, none of the stranger's
+    assert member.run(read_subkeys(member.dht, "closed.control"), timeout=30) == {}
+    assert member.run(read_subkeys(member.dht, "closed.g"), timeout=30) == {}
+    # a forged arrival never completes a barrier for a peer that is not there
+    assert barrier(member, "closed.start", me=1, expected=[0, 1, 2], timeout=3) == frozenset({0, 1})
+
+
+def test_strangers_get_no_model_and_cannot_join_an_exchange(closed_run):
+    import asyncio
+
+    from hivemind.proto import averaging_pb2
+
+    from moshpit_all_reduce import AveragerOptions, MoshpitAverager, MoshpitServicer, _Member
+
+    boot, member, stranger = closed_run
+    averager = MoshpitAverager(member, AveragerOptions(prefix="closed", index=0, num_peers=2))
+    members = [_Member(0, member.p2p.peer_id.to_bytes()), _Member(1, boot.p2p.peer_id.to_bytes())]
+    key = "closed.avg.r1.s0.g0"
+    group_id = MoshpitAverager._group_id(key, members)
+    assert group_id != MoshpitAverager._group_id(key, members[:1])  # another member list, another group
+    secret_model = torch.full((1000,), 42.0)
+    chunks = []
+
+    async def register():
+        from hivemind.compression import serialize_torch_tensor
+        from moshpit_all_reduce import _Traffic
+
+        chunks.append(serialize_torch_tensor(secret_model))
+        await averager.servicer.register(averager.servicer.shared, group_id,
+                                         (chunks, _Traffic(), frozenset(m.peer_id for m in members)))
+
+    member.run(register(), timeout=30)
+
+    async def steal():
+        stub = MoshpitServicer.get_stub(stranger.p2p, member.p2p.peer_id, namespace="closed")
+        stream = await stub.rpc_gather(averaging_pb2.AveragingData(group_id=group_id))
+        return [msg async for msg in stream]
+
+    replies = stranger.run(asyncio.wait_for(steal(), 30), timeout=40)
+    assert all(msg.code != averaging_pb2.AVERAGED_PART for msg in replies)
+    assert replies and replies[0].code == averaging_pb2.PROTOCOL_VIOLATION
+    averager.close()
