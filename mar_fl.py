@@ -325,7 +325,8 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
         record.update(result.metrics, bytes_sent=result.report.bytes_sent,
                       bytes_received=result.report.bytes_received, group_size=result.report.avg_group_size,
                       failed_peers=sorted({p for s in result.report.steps for p in s.failed_peers}),
-                      mar_steps=len(result.report.steps), failed_steps=result.report.failed_steps)
+                      mar_steps=len(result.report.steps), failed_steps=result.report.failed_steps,
+                      timed_out_steps=result.report.timed_out_steps)
     aggregated = time.time()
     # a run stopped for good is evaluated at its last round; a cut one is not (it resumes as if never cut)
     last_round = cfg.rounds if state.preempted else min(cfg.rounds, state.stop_after or cfg.rounds)
@@ -528,6 +529,7 @@ def summarize_round(records: Sequence[Dict[str, Any]], run_start: float) -> Dict
         "reporting_peers": len(records),
         "mar_steps": sum(r.get("mar_steps", 0) for r in aggregated),
         "failed_steps": sum(r.get("failed_steps", 0) for r in aggregated),
+        "timed_out_steps": sum(r.get("timed_out_steps", 0) for r in aggregated),
         "bytes_sent_per_peer": mean([r["bytes_sent"] for r in aggregated]) or 0,
         "bytes_received_per_peer": mean([r["bytes_received"] for r in aggregated]) or 0,
         "avg_group_size": mean([r["group_size"] for r in aggregated]) or 0,

@@ -150,6 +150,7 @@ class StepReport:
     failed_peers: Tuple[int, ...] = ()
     failed: bool = False  # this peer kept (some of) its local values: the step did not average as scheduled
     reason: str = ""
+    timed_out: bool = False  # matchmaking ran into its deadline (somebody expected never came)
 
 
 @dataclass
@@ -451,6 +452,7 @@ class MoshpitAverager:
         self.liveness = Liveness()
         self.excluded: Set[int] = set()  # group-mates left out for the rest of this round (sent bad data, went silent)
         self._round: Optional[int] = None
+        self._timed_out = False
         self.servicer = network.run(self._make_servicer(), timeout=60)
         self._heartbeat = network.run(self._start_heartbeat(), timeout=30)
 
@@ -512,6 +514,7 @@ class MoshpitAverager:
         result: List[_Member] = [_Member(me, own_id)]
         wait_for = frozenset(i for i in expected if not self.liveness.presumed_gone(i))
         grace = max(2.0, 0.25 * self.options.matchmaking_timeout)
+        self._timed_out = False
 
         async def settled() -> bool:
             nonlocal result, stored
@@ -526,12 +529,14 @@ class MoshpitAverager:
             declared[me] = own_id
             now = time.monotonic()
             if min(declared) == me and (wait_for <= declared.keys() or now >= deadline):
+                self._timed_out = not wait_for <= declared.keys()
                 result = [_Member(i, declared[i]) for i in sorted(declared) if i not in self.excluded or i == me]
                 await publish(dht, key, _FINAL, [[m.index, m.peer_id] for m in result], ttl=ttl)
                 return True
             return now >= deadline + grace
 
-        await poll_until(settled, deadline=deadline + grace)
+        if not await poll_until(settled, deadline=deadline + grace):
+            self._timed_out = True
         self.liveness.observe(expected=expected, present={m.index for m in result})
         return result
 
@@ -642,7 +647,8 @@ class MoshpitAverager:
             members = await self._form_group(key, expected, started + self.options.matchmaking_timeout)
         matched = time.monotonic()
         indices = tuple(m.index for m in members)
-        report = StepReport(members=indices, rank=indices.index(self.options.index))
+        report = StepReport(members=indices, rank=indices.index(self.options.index),
+                            timed_out=len(expected) > 1 and self._timed_out)
         payload: Any = {}
         if len(members) == 1 and len(expected) > 1:
             report.failed, report.reason = True, "no group-mate joined"
@@ -751,6 +757,10 @@ class MarReport:
     @property
     def failed_steps(self) -> int:
         return sum(1 for s in self.steps if s.failed)
+
+    @property
+    def timed_out_steps(self) -> int:
+        return sum(1 for s in self.steps if s.timed_out)
 
     @property
     def avg_group_size(self) -> float:

@@ -186,3 +186,46 @@ def test_run_whose_averaging_fails_ends_degraded(tmp_path, data_dir, no_new_p2pd
     rows = read_metrics(run_dir)
     assert sum(r["failed_steps"] for r in rows) > 0 and summary["failed_steps"] == sum(r["failed_steps"] for r in rows)
     assert "FAILED steps" in out and "done (degraded)" in out
+
+
+def _peer_pids(launcher_pid):
+    """Peer processes of a launcher: the descendants that have a p2pd child (the launcher's own is direct)."""
+    family = descendants(launcher_pid)
+    parents = set()
+    for pid in family:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if open(f"/proc/{pid}/comm").read().strip() == "p2pd":
+                parents.add(int(fields[1]))
+        except OSError:
+            continue
+    return sorted(parents - {launcher_pid})
+
+
+def test_survivors_stop_waiting_for_dead_peers(tmp_path, data_dir, no_new_p2pd):
+    """SIGKILL a quarter of 8 peers: every round is still reported, survivors stop waiting for the dead within
+    two rounds (no matchmaking runs into its deadline any more), accuracy keeps rising, and the run says it
+    degraded (who died, how many steps failed)."""
+    run_dir = tmp_path / "churn"
+    cmd = [sys.executable, os.path.join(ROOT, "mar_fl.py"), "--np", "8", "--gs", "2", "--gk", "3", "--ni", "3",
+           "--rounds", "7", "--tf", "1", "--iv", "2", "-sd", "4", "--data-dir", data_dir, "--run-dir", str(run_dir),
+           "--wandb", "disabled", "--matchmaking-timeout", "20", "--allreduce-timeout", "10"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and len(read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []) < 2:
+        time.sleep(0.5)
+    victims = _peer_pids(proc.pid)[-2:]
+    assert len(victims) == 2
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=900)
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == list(range(1, 8)), err[-2000:]
+    death = next(r["round"] for r in rows if r["participating_peers"] < 8)
+    assert all(r["participating_peers"] == 6 for r in rows if r["round"] > death)
+    assert all(r["timed_out_steps"] == 0 for r in rows if r["round"] >= death + 2)
+    accuracy = [r["test_accuracy"] for r in rows]
+    assert accuracy[-1] > accuracy[death - 1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert proc.returncode == 3 and summary["status"] == "degraded" and len(summary["failed_peers"]) == 2
