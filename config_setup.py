@@ -58,6 +58,7 @@ class RunConfig:
     matchmaking_timeout: float = 60.0
     allreduce_timeout: float = 30.0
     max_failed_percent: float = 5.0  # a run whose failed MAR steps exceed this share ends "degraded"
+    restart_dead: bool = False  # the launcher restarts a dead peer, which rejoins with a live peer's model
     # training
     rounds: int = 500
     iteration_mode: str = "batches"
@@ -164,6 +165,9 @@ def _flags_moshpit_all_reduce(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g.add_argument("--max-failed-steps", dest="max_failed_percent", type=float, default=d.max_failed_percent,
                    help="percent of MAR steps that may fail (values kept local) before the run counts as degraded "
                         "(exit status 3)")
+    g.add_argument("--restart-dead", action="store_true",
+                   help="restart a peer that died (from its newest intact checkpoint); it rejoins with the current "
+                        "model of a live peer")
 
 
 def _flags_training(p: argparse.ArgumentParser, d: RunConfig) -> None:
@@ -324,6 +328,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for flag, seconds in (("--matchmaking-timeout", cfg.matchmaking_timeout),
                           ("--allreduce-timeout", cfg.allreduce_timeout), ("--startup-timeout", cfg.startup_timeout)):
         _check(0 < seconds <= MAX_TIMEOUT_S, f"{flag} must be in (0, {MAX_TIMEOUT_S}] seconds, got {seconds:g}")
+    _check(not (cfg.restart_dead and cfg.dp), "--restart-dead does not support --dp yet (a rejoining peer "
+           "would need the DP state of the run)")
     _check(0 <= cfg.max_failed_percent <= 100, f"--max-failed-steps must be in [0, 100], got {cfg.max_failed_percent:g}")
     _check(cfg.kd_dataset_passes >= 1, f"--ds must be at least 1, got {cfg.kd_dataset_passes}")
     _check(not (cfg.kd_no_blending or cfg.kd_all_candidates) or cfg.kd, "--nb and --ac need --kd")
@@ -465,7 +471,7 @@ def _values(args: argparse.Namespace, *, num_peers: int) -> Dict[str, Any]:
 RESUMABLE = {"rounds", "max_runtime_hours", "wandb_mode", "wandb_project", "wandb_entity", "initial_peers",
              "peer_range", "host", "announce_host", "nat_port_map", "startup_timeout", "ckpt_every",
              "shm_warn_percent", "data_dir", "matchmaking_timeout", "allreduce_timeout", "peers_per_core",
-             "max_failed_percent"}
+             "max_failed_percent", "restart_dead"}
 
 
 def _resume_config(args: argparse.Namespace, given: Set[str], env: Optional[Dict[str, str]]) -> RunConfig:

@@ -29,6 +29,7 @@ EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 143
 EXIT_DEGRADED = 3  # finished, but averaging failed too often or a peer died: the figures are not the asked-for run
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: cut short by a time limit with every peer checkpointed; resume with --resume
 CHECKPOINTS_KEPT = 3
+MAX_RESTARTS = 3  # per peer, with --restart-dead
 TIMING_KEYS = ("round_seconds", "train_seconds", "aggregation_seconds", "elapsed_seconds")
 _PRELOAD = ["torch", "torchvision", "hivemind", "ml_tasks", "moshpit_all_reduce", "peer_aggregation_logic",
             "differential_privacy"]
@@ -169,7 +170,7 @@ def _watch_launcher(launcher_pid: int) -> None:
 
 def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers: List[str], prefix: str,
                launcher_pid: int, prepared: Dict[str, Any], resume_round: int = 0,
-               run_secret: Optional[bytes] = None) -> None:
+               run_secret: Optional[bytes] = None, rejoin: bool = False) -> None:
     """Process entry point of one peer."""
     os.setpgrp()  # its own process group: the launcher can reap the peer's p2pd even after a SIGKILL
 
@@ -191,7 +192,7 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
                                  run_secret=run_secret)
         network = PeerNetwork(options).start()
         run_peer(cfg, index=index, run_dir=run_dir, network=network, prefix=prefix, device=device,
-                 prepared=prepared, resume_round=resume_round)
+                 prepared=prepared, resume_round=resume_round, rejoin=rejoin)
     except PeerStopped:
         logger.info("peer %d stopped by signal", index)
         raise
@@ -221,7 +222,7 @@ def _init_peer_state(cfg: RunConfig, task, prepared: Dict[str, Any], train, inde
 
 
 def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, device: str,
-             prepared: Dict[str, Any], resume_round: int = 0) -> None:
+             prepared: Dict[str, Any], resume_round: int = 0, rejoin: bool = False) -> None:
     import torch
 
     from config_setup import kd_rounds_for, mini_batches_per_round
@@ -246,10 +247,13 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
                      schedule=MarSchedule(cfg.group_size, cfg.group_key_dim, cfg.mar_steps))
     if resume_round:
         load_checkpoint(checkpoint_path(run_dir, index, resume_round), state, rt.aggregator, device=device)
-    arrived = barrier(network, f"{prefix}.start", me=index, expected=range(cfg.num_peers),
-                      timeout=cfg.startup_timeout)
-    logger.info("peer %d: %d/%d peers up, %d batches per round, from round %d", index, len(arrived),
-                cfg.num_peers, rt.num_batches, state.round_index + 1)
+    if rejoin:
+        _rejoin(cfg, state, rt)
+    else:
+        arrived = barrier(network, f"{prefix}.start", me=index, expected=range(cfg.num_peers),
+                          timeout=cfg.startup_timeout)
+        logger.info("peer %d: %d/%d peers up, %d batches per round, from round %d", index, len(arrived),
+                    cfg.num_peers, rt.num_batches, state.round_index + 1)
     out_path = os.path.join(run_dir, "peers", f"peer_{index:04d}.jsonl")
     saved = state.round_index
     with open(out_path, "a", buffering=1) as out:
@@ -261,6 +265,8 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
             if _stop_requested(network, prefix, state, round_index):
                 break
             out.write(json.dumps(_run_round(cfg, state, rt, round_index)) + "\n")
+            if cfg.restart_dead:  # a restarted peer rejoins with this
+                rt.averager.share_snapshot(round_index, _shared_tensors(state, rt))
             if cfg.ckpt_every and round_index % cfg.ckpt_every == 0:
                 saved = save_checkpoint(run_dir, state, rt.aggregator)
             release_freed_memory()
@@ -268,6 +274,29 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
         save_checkpoint(run_dir, state, rt.aggregator)
     barrier(network, f"{prefix}.end", me=index, expected=range(cfg.num_peers), timeout=cfg.allreduce_timeout)
     averager.close()
+
+
+def _shared_tensors(state: PeerState, rt: PeerRuntime) -> List[Any]:
+    return [p.data for p in rt.task.trainable(state.model)] + list(state.momentum)
+
+
+def _rejoin(cfg: RunConfig, state: PeerState, rt: PeerRuntime) -> None:
+    """A restarted peer takes the newest aggregated model (and momentum) of a live peer and continues after the
+    round that peer finished, instead of averaging its stale checkpoint into the run."""
+    import torch
+
+    tensors = _shared_tensors(state, rt)
+    deadline = time.monotonic() + cfg.startup_timeout
+    while (snapshot := rt.averager.fetch_snapshot(tensors)) is None:
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"peer {state.index}: no live peer shared its model within --startup-timeout")
+        time.sleep(2.0)
+    round_index, received = snapshot
+    with torch.no_grad():
+        for target, source in zip(tensors, received):
+            target.copy_(source.to(target.device))
+    state.round_index = max(state.round_index, round_index)
+    logger.info("peer %d rejoined after round %d with a live peer's model", state.index, state.round_index)
 
 
 def _stop_requested(network, prefix: str, state: PeerState, round_index: int) -> bool:
@@ -559,6 +588,7 @@ class MetricsCollector:
     first_seen: Dict[int, float] = field(default_factory=dict)
     next_round: int = 1
     newest_round: int = 0
+    newest_by_peer: Dict[int, int] = field(default_factory=dict)
     run_start: Optional[float] = None
     first_round: int = 1
     elapsed_offset: float = 0.0  # a resumed run's clock continues from its checkpointed round
@@ -610,6 +640,7 @@ class MetricsCollector:
         if rec["round"] < self.next_round:
             return  # that round was already reported without this (slow or once-dead) peer
         self.pending.setdefault(rec["round"], []).append(rec)
+        self.newest_by_peer[rec["peer"]] = max(self.newest_by_peer.get(rec["peer"], 0), rec["round"])
         self.first_seen.setdefault(rec["round"], time.time())
         self.newest_round = max(self.newest_round, rec["round"])
         if rec["round"] == self.first_round:
@@ -621,7 +652,9 @@ class MetricsCollector:
         rows = []
         while self.next_round in self.pending:
             records = self.pending[self.next_round]
-            missing = set(range(self.num_peers)) - {r["peer"] for r in records} - set(dead)
+            # a peer writes its rounds in order: one that reported a later round (it rejoined) skips this one
+            skipped = {p for p, newest in self.newest_by_peer.items() if newest > self.next_round}
+            missing = set(range(self.num_peers)) - {r["peer"] for r in records} - set(dead) - skipped
             stale = time.time() - self.first_seen[self.next_round] > self.stale_after
             if missing and not (final or stale):
                 break
@@ -687,6 +720,7 @@ class Launcher:
         self.wandb = None
         self.history: List[Dict[str, Any]] = []
         self.failed_peers: Dict[int, int] = {}
+        self.restarts: Dict[int, int] = {}
         self.best_loss, self.best_loss_round = math.inf, 0
         self.started = time.time()
 
@@ -708,15 +742,36 @@ class Launcher:
         return initial or maddrs
 
     def _spawn_peers(self, initial_peers: List[str]) -> None:
-        ctx = mp.get_context("forkserver")
+        self._ctx = mp.get_context("forkserver")
         configure_peer_environment()
-        ctx.set_forkserver_preload(_PRELOAD + (["dp_accounting"] if self.cfg.dp else []))  # children share the imported torch/hivemind pages copy-on-write
+        # children share the imported torch/hivemind pages copy-on-write
+        self._ctx.set_forkserver_preload(_PRELOAD + (["dp_accounting"] if self.cfg.dp else []))
+        self._initial_peers = initial_peers
         for index in self.cfg.local_peers():
-            proc = ctx.Process(target=peer_entry, name=f"peer-{index}",
-                               args=(self.cfg.to_json(), index, self.run_dir, initial_peers, self.prefix, os.getpid(),
-                                     self.prepared, self.resume_round, self.run_secret))
-            proc.start()
-            self.procs[index] = proc
+            self._spawn(index, resume_round=self.resume_round, rejoin=False)
+
+    def _spawn(self, index: int, *, resume_round: int, rejoin: bool) -> None:
+        proc = self._ctx.Process(target=peer_entry, name=f"peer-{index}",
+                                 args=(self.cfg.to_json(), index, self.run_dir, self._initial_peers, self.prefix,
+                                       os.getpid(), self.prepared, resume_round, self.run_secret, rejoin))
+        proc.start()
+        self.procs[index] = proc
+
+    def _restart_dead(self) -> None:
+        """``--restart-dead``: a peer that died is started again from its newest intact checkpoint and rejoins
+        with a live peer's model (at most MAX_RESTARTS times per peer)."""
+        if not self.cfg.restart_dead or self.stopping or self.stop_reason is not None:
+            return
+        for index, proc in list(self.procs.items()):
+            if proc.is_alive() or proc.exitcode == 0 or self.restarts.get(index, 0) >= MAX_RESTARTS:
+                continue
+            self.restarts[index] = self.restarts.get(index, 0) + 1
+            intact = [r for r in reversed(checkpoint_rounds(self.run_dir, index))
+                      if checkpoint_problem(checkpoint_path(self.run_dir, index, r)) is None]
+            logger.warning("restarting peer %d (exit code %s, restart %d of %d) from %s", index, proc.exitcode,
+                           self.restarts[index], MAX_RESTARTS,
+                           f"its checkpoint of round {intact[0]}" if intact else "scratch")
+            self._spawn(index, resume_round=intact[0] if intact else 0, rejoin=True)
 
     def publish_stop(self, reason: str, after_round: int, *, preempt: bool = False) -> None:
         """Tell every peer (through one DHT key) the last round to run; ``preempt``: the run will resume."""
@@ -771,6 +826,7 @@ class Launcher:
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", buffering=1) as metrics:
             while any(p.is_alive() for p in self.procs.values()):
                 self._reap_dead()
+                self._restart_dead()
                 self._check_preempt()
                 if self.primary:
                     self._emit(collector.poll(dead=self._dead_peers()), metrics, collector)
@@ -874,6 +930,7 @@ class Launcher:
             "mean_bytes_sent_per_peer": _mean([r["bytes_sent_per_peer"] for r in self.history]),
             "failed_steps": failed, "mar_steps": total,
             "failed_peers": sorted(self.failed_peers),
+            "restarted_peers": {str(i): n for i, n in sorted(self.restarts.items())},
             "resumed_from_round": self.resume_round or None,
             "shm_segments_removed": len(self.watchdog.removed) if self.watchdog else 0,
         }

@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -306,6 +306,8 @@ class MoshpitServicer(ServicerBase):
         self.shared: Dict[bytes, Tuple[List[Any], _Traffic, FrozenSet[bytes]]] = {}
         self.registered = asyncio.Condition()
         self.wait_timeout = 30.0
+        self.snapshot: Optional[Tuple[int, List[Any]]] = None  # (round, chunks) for peers that rejoin
+        self.is_member: Callable[[PeerID], Awaitable[bool]] = _nobody
 
     async def _lookup(self, table: Dict[bytes, Any], group_id: bytes) -> Optional[Any]:
         # a groupmate may reach us before we read the final member list ourselves: wait a little for it
@@ -353,6 +355,23 @@ class MoshpitServicer(ServicerBase):
             msg = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=chunk)
             traffic.sent += msg.ByteSize()
             yield msg
+
+    async def rpc_snapshot(
+        self, request: averaging_pb2.AveragingData, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """The newest aggregated model, for a member of the run (its address record is authenticated)."""
+        snapshot = self.snapshot
+        if snapshot is None or not await self.is_member(context.remote_id):
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        round_index, chunks = snapshot
+        for position, chunk in enumerate(chunks):
+            yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=chunk,
+                                              group_id=str(round_index).encode() if position == 0 else b"")
+
+
+async def _nobody(peer_id: PeerID) -> bool:
+    return False
 
 
 @dataclass(frozen=True)
@@ -407,6 +426,23 @@ def parse_final(value: Any, num_peers: int) -> Optional[List["_Member"]]:
     return members
 
 
+@dataclass(frozen=True)
+class Heartbeat:
+    time: float
+    round: int
+    peer_id: bytes
+
+    @staticmethod
+    def parse(value: Any) -> Optional["Heartbeat"]:
+        if not (isinstance(value, (list, tuple)) and len(value) == 3):
+            return None
+        beat_time, round_index, peer_id = value
+        if not (isinstance(beat_time, float) and math.isfinite(beat_time) and type(round_index) is int
+                and round_index >= 0 and _peer_id_bytes(peer_id) is not None):
+            return None
+        return Heartbeat(beat_time, round_index, bytes(peer_id))
+
+
 class Liveness:
     """Which peers this peer still waits for: those that missed a group are presumed gone until their liveness
     record (renewed every few seconds by every running peer, expiring on its own) is newer than the miss."""
@@ -459,6 +495,7 @@ class MoshpitAverager:
     async def _make_servicer(self):
         servicer = self._servicer_cls()
         servicer.wait_timeout = self.options.matchmaking_timeout
+        servicer.is_member = self.network.is_member
         await servicer.add_p2p_handlers(self.network.p2p, namespace=self.options.prefix)
         return servicer
 
@@ -471,7 +508,8 @@ class MoshpitAverager:
         async def beat_forever():
             while True:
                 try:
-                    await publish(self.network.dht, self._alive_key(), str(self.options.index), dht_time(),
+                    beat = [dht_time(), self._round or 0, self.network.p2p.peer_id.to_bytes()]
+                    await publish(self.network.dht, self._alive_key(), str(self.options.index), beat,
                                   ttl=4 * self.options.heartbeat_interval)
                 except Exception as e:  # noqa: BLE001 - the next beat retries
                     logger.debug("heartbeat failed: %r", e)
@@ -485,16 +523,58 @@ class MoshpitAverager:
             return
         self._round, self.excluded = round_index, set()
         try:
-            record = self.network.run(read_subkeys(self.network.dht, self._alive_key()), timeout=30)
+            beats = self.read_heartbeats()
         except Exception as e:  # noqa: BLE001 - without fresh heartbeats we keep the old view
             logger.warning("liveness read failed: %r", e)
             return
+        self.liveness.update({index: beat.time for index, beat in beats.items()})
+
+    def read_heartbeats(self) -> Dict[int, "Heartbeat"]:
+        """The unexpired liveness records: who runs, at which round, under which peer id."""
+        record = self.network.run(read_subkeys(self.network.dht, self._alive_key()), timeout=30)
         beats = {}
         for subkey, value in record.items():
-            index = parse_index(subkey, self.options.num_peers)
-            if index is not None and isinstance(value, float) and math.isfinite(value):
-                beats[index] = value
-        self.liveness.update(beats)
+            index, beat = parse_index(subkey, self.options.num_peers), Heartbeat.parse(value)
+            if index is not None and beat is not None:
+                beats[index] = beat
+        return beats
+
+    # ---------- rejoining after a restart ----------
+
+    def share_snapshot(self, round_index: int, tensors: Sequence[torch.Tensor]) -> None:
+        """Keep a serialized copy of this round's aggregated tensors for a restarted peer to fetch."""
+        chunks = [chunk for tensor in tensors for chunk in split_for_streaming(
+            serialize_torch_tensor(tensor.detach().cpu(), NoCompression().compression_type))]
+        self.servicer.snapshot = (round_index, chunks)
+
+    def fetch_snapshot(self, like: Sequence[torch.Tensor]) -> Optional[Tuple[int, List[torch.Tensor]]]:
+        """The newest aggregated tensors of a live peer: ``(round, tensors)``, checked against ``like``."""
+        beats = self.read_heartbeats()
+        donors = sorted((b.round, i) for i, b in beats.items() if i != self.options.index and b.round > 0)
+        for round_index, index in reversed(donors):
+            try:
+                got = self.network.run(self._fetch_snapshot(beats[index].peer_id), timeout=self._step_timeout())
+            except Exception as e:  # noqa: BLE001 - try the next live peer
+                logger.warning("snapshot from peer %d failed: %r", index, e)
+                continue
+            if got is not None and len(got[1]) == len(like) and all(
+                    check_part(t, shape=o.shape, dtype=o.dtype) is None for t, o in zip(got[1], like)):
+                return got
+            logger.warning("peer %d sent an unusable snapshot", index)
+        return None
+
+    async def _fetch_snapshot(self, peer_id: bytes) -> Optional[Tuple[int, List[torch.Tensor]]]:
+        stub = self._servicer_cls.get_stub(self.network.p2p, PeerID(peer_id), namespace=self.options.prefix)
+        parts, round_index = [], None
+        async for msg in await stub.rpc_snapshot(averaging_pb2.AveragingData()):
+            if msg.code != averaging_pb2.AVERAGED_PART:
+                return None
+            if round_index is None:
+                round_index = parse_index(msg.group_id.decode("ascii", "replace"), 1 << 40)
+            parts.append(msg.tensor_part)
+        if round_index is None:
+            return None
+        return round_index, [deserialize_torch_tensor(t) for t in _regroup(parts, combine_from_streaming)]
 
     # ---------- matchmaking ----------
 

@@ -485,6 +485,11 @@ class PeerNetwork:
                 self.addresses[parsed[0]] = parsed[1]
         return len(self.addresses)
 
+    async def is_member(self, peer_id) -> bool:
+        """Whether ``peer_id`` published an address record of this run (authenticated when the run is closed)."""
+        key = peer_id.to_bytes()
+        return bool(await self._lookup_address(key)) or key in self.addresses
+
     async def _lookup_address(self, peer_id: bytes) -> List[Any]:
         if peer_id not in self.addresses and time.monotonic() - self._last_refresh >= ADDRESS_REFRESH_MIN_INTERVAL:
             try:

@@ -229,3 +229,25 @@ def test_survivors_stop_waiting_for_dead_peers(tmp_path, data_dir, no_new_p2pd):
     assert accuracy[-1] > accuracy[death - 1]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert proc.returncode == 3 and summary["status"] == "degraded" and len(summary["failed_peers"]) == 2
+
+
+def test_a_killed_peer_is_restarted_and_rejoins_with_the_live_model(tmp_path, data_dir, no_new_p2pd):
+    """--restart-dead: the launcher starts a SIGKILLed peer again; it takes a live peer's model and round and
+    takes part in the rounds after that, and the summary counts the restart."""
+    run_dir = tmp_path / "restart"
+    proc = launch(run_dir, data_dir, "--restart-dead", "--ckpt-every", "1", "--tf", "1",
+                  "--matchmaking-timeout", "10", "--allreduce-timeout", "10", rounds=6)
+    deadline = time.time() + 400
+    while time.time() < deadline and len(read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []) < 2:
+        time.sleep(0.5)
+    victim = _peer_pids(proc.pid)[-1]
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=900)
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == list(range(1, 7)), err[-2000:]
+    assert rows[-1]["participating_peers"] == 4
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert list(summary["restarted_peers"].values()) == [1] and summary["failed_peers"] == []
+    logs = "".join((run_dir / "logs" / name).read_text() for name in os.listdir(run_dir / "logs"))
+    assert "rejoined after round" in logs
+    assert rows[-1]["test_accuracy"] > rows[1]["test_accuracy"]
