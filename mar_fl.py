@@ -33,6 +33,7 @@ _PRELOAD = ["torch", "torchvision", "hivemind", "ml_tasks", "moshpit_all_reduce"
 # per-round keys that only KD / DP runs log: pooled as the mean over aggregating peers, ε as the worst peer's
 MEAN_KEYS = ("kd_lambda", "kd_teachers", "dp_clip_threshold", "dp_update_norm")
 MAX_KEYS = ("dp_epsilon", "dp_epsilon_groupmate")
+LABEL_KEYS = ("dp_noise",)  # the same on every peer: passed through
 
 
 class PeerStopped(SystemExit):
@@ -414,6 +415,7 @@ def summarize_round(records: Sequence[Dict[str, Any]], run_start: float) -> Dict
     count = sum(r["test_count"] for r in tested)
     optional = {key: mean([r[key] for r in aggregated if key in r]) for key in MEAN_KEYS}
     optional.update({key: max([r[key] for r in aggregated if key in r], default=None) for key in MAX_KEYS})
+    optional.update({key: next((r[key] for r in aggregated if key in r), None) for key in LABEL_KEYS})
     return {
         "round": records[0]["round"],
         "learning_rate": records[0].get("learning_rate"),
@@ -497,7 +499,8 @@ def status_line(row: Dict[str, Any], rounds: int) -> str:
     return (f"round {row['round']:>4}/{rounds} | acc {acc} | loss {loss_txt} | {row['round_seconds']:.2f} s | "
             f"{row['bytes_sent_per_peer'] / 1e6:.2f} MB sent | peers {row['participating_peers']}"
             + (f" | KD λ {row['kd_lambda']:.2f}" if "kd_lambda" in row else "")
-            + (f" | ε {row['dp_epsilon']:.2f} (groupmate {row['dp_epsilon_groupmate']:.3g})" if "dp_epsilon" in row else ""))
+            + (f" | ε {row['dp_epsilon']:.2f} (groupmate {row['dp_epsilon_groupmate']:.3g}, noise {row.get('dp_noise')})"
+               if "dp_epsilon" in row else ""))
 
 
 # ==================== launcher ====================
@@ -705,6 +708,7 @@ class Launcher:
             "mean_bytes_sent_per_peer": _mean([r["bytes_sent_per_peer"] for r in self.history]),
             "resumed_from_round": self.resume_round or None,
             "shm_segments_removed": len(self.watchdog.removed) if self.watchdog else 0,
+            **{key: r[key] for r in self.history for key in LABEL_KEYS if key in r},  # the peers' last word
         }
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
