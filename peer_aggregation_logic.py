@@ -159,7 +159,9 @@ class DifferentialPrivacy:
     The model leaves the peer only as ``last_global + η_s·smoothed`` where ``smoothed`` accumulates clipped,
     noised updates; the inner aggregator averages that model, the smoothed deltas and the noisy centred clip
     indicator — never the momentum, which stays local (it is a function of the raw gradients). The averaged
-    indicator then moves the clip threshold, the same on every peer (MAR delivers the same average to all).
+    indicator then moves the clip threshold: the same on every peer, since MAR delivers the same average to all
+    (up to float rounding: a relative 1e-9 or so, which the accountant does not care about — each peer's noise
+    scales with its own C).
     """
 
     def __init__(self, inner: Aggregator, params, initial: Sequence[torch.Tensor]):
