@@ -82,6 +82,8 @@ class RunConfig:
     noise_multiplier: float = 1.0
     clip_threshold: float = 0.1
     dp_delta: Optional[float] = None  # default N^-1.1
+    dp_insecure_seeded_noise: bool = False  # DP noise from (seed, peer, round): reproducible, NOT private
+    dp_reference_indicator: bool = False  # release the uncentred clip indicator, as the reference did
     # I/O and deployment
     data_dir: str = "./data"
     run_dir: Optional[str] = None
@@ -212,6 +214,10 @@ def _flags_differential_privacy(p: argparse.ArgumentParser, d: RunConfig) -> Non
     _flag(g, "ct", "clip-threshold", dest="clip_threshold", type=float, default=d.clip_threshold,
           help="initial clipping threshold C")
     g.add_argument("--dp-delta", type=float, default=None, help="δ of the reported (ε, δ) (default N^-1.1)")
+    g.add_argument("--dp-insecure-seeded-noise", action="store_true",
+                   help="draw DP noise from (seed, peer, round) for bit-reproducible runs; NOT private")
+    g.add_argument("--dp-reference-indicator", action="store_true",
+                   help="release the clip indicator uncentred, as the reference (sensitivity 1; ε charged for it)")
 
 
 def _flags_io_and_deployment(p: argparse.ArgumentParser, d: RunConfig) -> None:
@@ -405,9 +411,13 @@ def _validate_network(cfg: RunConfig) -> None:
 def _validate_dp(cfg: RunConfig) -> None:
     _check(cfg.clip_threshold > 0, f"--ct must be positive, got {cfg.clip_threshold:g}")
     _check(cfg.dp_delta is None or 0 < cfg.dp_delta < 1, f"--dp-delta must be in (0, 1), got {cfg.dp_delta}")
+    _check(cfg.dp or not (cfg.dp_insecure_seeded_noise or cfg.dp_reference_indicator),
+           "--dp-insecure-seeded-noise and --dp-reference-indicator need --dp")
     if not cfg.dp:
         return
-    # the accountant's sampling rate assumes that whoever trains also aggregates (or that everybody trains)
+    # distillation trains the shared model on raw local data after the DP step: nothing would privatise it
+    _check(not cfg.kd, "--kd cannot be combined with --dp: distilled models would leave the peer un-noised")
+    # DP-FedAvg's round: the peers that train are the ones that release (or everybody trains)
     _check(cfg.update_percent in (100, cfg.aggregate_percent),
            f"--dp needs --up 100 or --up equal to --ap, got --up {cfg.update_percent:g} --ap {cfg.aggregate_percent:g}")
     from differential_privacy import PrivacyConfigError, dp_params_from_config

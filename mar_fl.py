@@ -36,6 +36,7 @@ _PRELOAD = ["torch", "torchvision", "hivemind", "ml_tasks", "moshpit_all_reduce"
 # per-round keys that only KD / DP runs log: pooled as the mean over aggregating peers, ε as the worst peer's
 MEAN_KEYS = ("kd_lambda", "kd_teachers", "dp_clip_threshold", "dp_update_norm")
 MAX_KEYS = ("dp_epsilon", "dp_epsilon_groupmate")
+LABEL_KEYS = ("dp_noise",)  # the same on every peer: passed through
 
 
 class PeerStopped(SystemExit):
@@ -548,6 +549,7 @@ def summarize_round(records: Sequence[Dict[str, Any]], run_start: float) -> Dict
     count = sum(r["test_count"] for r in tested)
     optional = {key: mean([r[key] for r in aggregated if key in r]) for key in MEAN_KEYS}
     optional.update({key: max([r[key] for r in aggregated if key in r], default=None) for key in MAX_KEYS})
+    optional.update({key: next((r[key] for r in aggregated if key in r), None) for key in LABEL_KEYS})
     return {
         "round": records[0]["round"],
         "learning_rate": records[0].get("learning_rate"),
@@ -671,7 +673,8 @@ def status_line(row: Dict[str, Any], rounds: int) -> str:
             f"{row['bytes_sent_per_peer'] / 1e6:.2f} MB sent | peers {row['participating_peers']}"
             + (f" | FAILED steps {row['failed_steps']}/{row['mar_steps']}" if row.get("failed_steps") else "")
             + (f" | KD λ {row['kd_lambda']:.2f}" if "kd_lambda" in row else "")
-            + (f" | ε {row['dp_epsilon']:.2f} (groupmate {row['dp_epsilon_groupmate']:.3g})" if "dp_epsilon" in row else ""))
+            + (f" | ε {row['dp_epsilon']:.2f} (groupmate {row['dp_epsilon_groupmate']:.3g}, noise {row.get('dp_noise')})"
+               if "dp_epsilon" in row else ""))
 
 
 # ==================== launcher ====================
@@ -933,6 +936,7 @@ class Launcher:
             "restarted_peers": {str(i): n for i, n in sorted(self.restarts.items())},
             "resumed_from_round": self.resume_round or None,
             "shm_segments_removed": len(self.watchdog.removed) if self.watchdog else 0,
+            **{key: r[key] for r in self.history for key in LABEL_KEYS if key in r},  # the peers' last word
         }
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

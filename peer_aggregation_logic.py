@@ -3,8 +3,8 @@
 An aggregator takes the peer's model and momentum plus the round's participants and leaves them aggregated in
 place. :class:`MarAveraging` is the base; :class:`KnowledgeDistillation` wraps an aggregator and distils from
 group-mates before handing over to it; :class:`DifferentialPrivacy` wraps an aggregator and makes sure that
-the model leaves the peer only as a clipped, noised update. ``make_aggregator`` stacks them from the flags —
-never an integer "use case".
+the model leaves the peer only as a clipped, noised update and the momentum not at all. ``make_aggregator``
+stacks them from the flags — never an integer "use case".
 """
 from __future__ import annotations
 
@@ -157,8 +157,11 @@ class DifferentialPrivacy:
     """DP-FedAvg with adaptive clipping around an inner aggregator, per peer, with no server.
 
     The model leaves the peer only as ``last_global + η_s·smoothed`` where ``smoothed`` accumulates clipped,
-    noised updates; the inner aggregator averages that model, the momentum, the smoothed deltas and the noisy
-    clip indicator; the averaged indicator then moves the clip threshold, the same on every peer.
+    noised updates; the inner aggregator averages that model, the smoothed deltas and the noisy centred clip
+    indicator — never the momentum, which stays local (it is a function of the raw gradients). The averaged
+    indicator then moves the clip threshold: the same on every peer, since MAR delivers the same average to all
+    (up to float rounding: a relative 1e-9 or so, which the accountant does not care about — each peer's noise
+    scales with its own C).
     """
 
     def __init__(self, inner: Aggregator, params, initial: Sequence[torch.Tensor]):
@@ -166,36 +169,39 @@ class DifferentialPrivacy:
         self.state = DpState(clip=params.initial_clip, last_global=[t.detach().clone() for t in initial])
         self.central, self.groupmate = params.central_accountant(), params.groupmate_accountant()
 
-    def _generator(self, ctx: AggregationContext, device: torch.device) -> torch.Generator:
-        seed = np.random.SeedSequence([self.params.seed, ctx.peer, ctx.round_index, 0xD9]).generate_state(1)[0]
-        return torch.Generator(device=device).manual_seed(int(seed))
-
     def aggregate(self, ctx: AggregationContext) -> AggregationResult:
-        from differential_privacy import (DELTA_SMOOTHING, SERVER_LR, add_gaussian_noise, clip_by_global_norm,
-                                          update_clip_threshold)
+        from differential_privacy import DELTA_SMOOTHING, SERVER_LR, update_clip_threshold
 
-        params, state, m = ctx.params, self.state, len(ctx.participants)
-        gen = self._generator(ctx, params[0].device)
-        delta = [p.detach() - g for p, g in zip(params, state.last_global)]
-        clipped, norm, indicator = clip_by_global_norm(delta, state.clip)
-        noisy = add_gaussian_noise(clipped, std=self.params.z_delta * state.clip / math.sqrt(m), generator=gen)
+        params, state = ctx.params, self.state
+        noisy, b_tensor, norm = self._privatise(ctx)
         smoothed = noisy if state.smoothed is None else [DELTA_SMOOTHING * s + n for s, n in zip(state.smoothed, noisy)]
         with torch.no_grad():
             for p, g, s in zip(params, state.last_global, smoothed):
                 p.copy_(g + SERVER_LR * s)
-        noisy_b = indicator + float(torch.randn(1, generator=gen, device=gen.device)) * self.params.sigma_b / math.sqrt(m)
-        b_tensor = torch.tensor([noisy_b], dtype=torch.float32, device=params[0].device)
-        result = self.inner.aggregate(dataclasses.replace(ctx, extra=list(ctx.extra) + smoothed + [b_tensor]))
+        released = dataclasses.replace(ctx, momentum=[], extra=list(ctx.extra) + smoothed + [b_tensor])
+        result = self.inner.aggregate(released)
         clip_used = state.clip
-        state.smoothed, state.clip = smoothed, update_clip_threshold(state.clip, float(b_tensor))
+        mean_indicator = float(b_tensor) + self.params.indicator_offset
+        state.smoothed, state.clip = smoothed, update_clip_threshold(state.clip, mean_indicator)
         state.last_global = [p.detach().clone() for p in params]
         state.rounds_shared += 1
         result.metrics.update(
-            dp_epsilon=self.central.epsilon(ctx.round_index),  # Poisson sampling composes every round
+            dp_epsilon=self.central.epsilon(state.rounds_shared),  # q = 1: only the rounds this peer shared count
             dp_epsilon_groupmate=self.groupmate.epsilon(state.rounds_shared),
-            dp_clip_threshold=clip_used, dp_update_norm=norm)
+            dp_clip_threshold=clip_used, dp_update_norm=norm, dp_noise=self.params.noise_label)
         return result
 
+    def _privatise(self, ctx: AggregationContext) -> Tuple[List[torch.Tensor], torch.Tensor, float]:
+        """This round's clipped, noised update and noised (centred) indicator; the raw norm stays local."""
+        from differential_privacy import add_gaussian_noise, clip_by_global_norm
+
+        params, m = ctx.params, len(ctx.participants)
+        noise = self.params.noise_source(peer=ctx.peer, round_index=ctx.round_index, device=params[0].device)
+        delta = [p.detach() - g for p, g in zip(params, self.state.last_global)]
+        clipped, norm, indicator = clip_by_global_norm(delta, self.state.clip)
+        noisy = add_gaussian_noise(clipped, std=self.params.z_delta * self.state.clip / math.sqrt(m), noise=noise)
+        b = torch.tensor([indicator - self.params.indicator_offset], dtype=torch.float32, device=params[0].device)
+        return noisy, add_gaussian_noise([b], std=self.params.sigma_b / math.sqrt(m), noise=noise)[0], norm
 
     def state_dict(self) -> Dict[str, Any]:
         return {"dp": dataclasses.asdict(self.state), "inner": self.inner.state_dict()}
@@ -206,7 +212,8 @@ class DifferentialPrivacy:
 
 
 def make_aggregator(cfg: Any, *, initial_params: Sequence[torch.Tensor], kd_rounds: int) -> Aggregator:
-    """The aggregation pipeline for a run configuration: averaging, wrapped by KD and then DP as asked."""
+    """The aggregation pipeline for a run configuration: averaging, wrapped by KD or DP as asked (the config
+    refuses both at once: distillation would train the shared model on raw data after the DP step)."""
     aggregator: Aggregator = MarAveraging()
     if cfg.kd:
         aggregator = KnowledgeDistillation(aggregator, KdSettings(
