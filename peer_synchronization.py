@@ -269,21 +269,19 @@ class RoutedP2P:
     def _forget_route(self, peer_id) -> None:
         self._routing_state().pop(peer_id.to_bytes(), None)
 
-    async def _call_unary_protobuf_handler(self, peer_id, *args, **kwargs):
+    async def _routed(self, call, peer_id, *args, **kwargs):
         await self._ensure_route(peer_id)
         try:
-            return await super()._call_unary_protobuf_handler(peer_id, *args, **kwargs)
+            return await call(peer_id, *args, **kwargs)
         except Exception:
-            self._forget_route(peer_id)
+            self._forget_route(peer_id)  # dial again next time: the peer may have moved or restarted
             raise
 
+    async def _call_unary_protobuf_handler(self, peer_id, *args, **kwargs):
+        return await self._routed(super()._call_unary_protobuf_handler, peer_id, *args, **kwargs)
+
     async def call_binary_stream_handler(self, peer_id, *args, **kwargs):
-        await self._ensure_route(peer_id)
-        try:
-            return await super().call_binary_stream_handler(peer_id, *args, **kwargs)
-        except Exception:
-            self._forget_route(peer_id)
-            raise
+        return await self._routed(super().call_binary_stream_handler, peer_id, *args, **kwargs)
 
 
 # ==================== closed runs ====================

@@ -15,6 +15,34 @@ from moshpit_all_reduce import AveragerOptions, MarSchedule, MoshpitAverager, mo
 from peer_synchronization import NetworkOptions, PeerNetwork, barrier  # noqa: E402
 
 
+def run_engine_peers(out_dir, maddrs, *, live, num_peers, gs, ni, extra=lambda i: []):
+    """Start one engine peer per index in ``live`` (``extra(i)``: more flags for peer i), wait for all, and reap
+    whatever is left of each (its p2pd, through the process group). Returns ``{index: exit code}``."""
+    import subprocess
+
+    procs = {}
+    for i in live:
+        cmd = [sys.executable, os.path.abspath(__file__), "--index", str(i), "--np", str(num_peers), "--gs", str(gs),
+               "--ni", str(ni), "--alive", ",".join(map(str, live)), "--initial-peers", maddrs,
+               "--out", os.path.join(out_dir, f"peer{i}.pt"), *extra(i)]
+        log = open(os.path.join(out_dir, f"peer{i}.log"), "w")
+        procs[i] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    codes = {}
+    try:
+        for i, proc in procs.items():
+            codes[i] = proc.wait(timeout=240)  # a hang check, not a speed assertion
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of a killed peer: its p2pd
+            except (ProcessLookupError, PermissionError):
+                pass
+    return codes
+
+
 def initial_tensors(index: int):
     g = torch.Generator().manual_seed(index)
     return [torch.randn(200_000, generator=g), torch.randn(37, 11, generator=g)]

@@ -1,15 +1,12 @@
 """Integration: real hivemind peers (separate processes) averaging over libp2p on 127.0.0.1."""
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, alive
-from engine_peer import initial_tensors
+from conftest import alive
+from engine_peer import initial_tensors, run_engine_peers
 from peer_synchronization import NetworkOptions, PeerNetwork
 
 N, GS, NI = 8, 2, 3
@@ -23,28 +20,10 @@ def bootstrap(no_new_p2pd):
 
 
 def run_peers(tmp_path, maddrs, *, live, die=None, compression="none"):
-    procs = {}
-    for i in live:
-        cmd = [sys.executable, os.path.join(ROOT, "tests", "engine_peer.py"), "--index", str(i), "--np", str(N),
-               "--gs", str(GS), "--ni", str(NI), "--alive", ",".join(map(str, live)), "--initial-peers", maddrs,
-               "--out", str(tmp_path / f"peer{i}.pt"), "--compression", compression]
-        if die and die[0] == i:
-            cmd += ["--die-in-step", str(die[1])]
-        procs[i] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"peer{i}.log", "w"))
-    codes = {}
-    try:
-        for i, proc in procs.items():
-            codes[i] = proc.wait(timeout=240)  # a hang check, not a speed assertion
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of a killed peer: its p2pd
-            except (ProcessLookupError, PermissionError):
-                pass
-    return codes
+    def extra(i):
+        return ["--compression", compression] + (["--die-in-step", str(die[1])] if die and die[0] == i else [])
+
+    return run_engine_peers(str(tmp_path), maddrs, live=live, num_peers=N, gs=GS, ni=NI, extra=extra)
 
 
 def load(tmp_path, i):

@@ -1,13 +1,8 @@
 """Bad group-mates and strangers: one bad peer never takes an honest one down, and a run is closed to outsiders."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import ROOT
-from engine_peer import initial_tensors
+from engine_peer import initial_tensors, run_engine_peers
 from peer_synchronization import NetworkOptions, PeerNetwork, barrier, publish, read_subkeys
 
 SECRET = bytes(range(32))
@@ -15,24 +10,8 @@ SECRET = bytes(range(32))
 
 def run_group(tmp_path, bootstrap, *, evil_mode):
     """Peers 0 and 1 are honest, peer 2 misbehaves; one group of three, one MAR step."""
-    procs = {}
-    for i in range(3):
-        cmd = [sys.executable, os.path.join(ROOT, "tests", "engine_peer.py"), "--index", str(i), "--np", "3",
-               "--gs", "3", "--ni", "1", "--alive", "0,1,2", "--initial-peers", bootstrap,
-               "--out", str(tmp_path / f"peer{i}.pt")] + (["--evil", evil_mode] if i == 2 else [])
-        procs[i] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"peer{i}.log", "w"))
-    try:
-        codes = {i: p.wait(timeout=240) for i, p in procs.items()}  # a hang check, not a speed assertion
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            try:
-                os.killpg(p.pid, 9)
-            except (ProcessLookupError, PermissionError):
-                pass
-    return codes
+    return run_engine_peers(str(tmp_path), bootstrap, live=[0, 1, 2], num_peers=3, gs=3, ni=1,
+                            extra=lambda i: ["--evil", evil_mode] if i == 2 else [])
 
 
 @pytest.fixture
