@@ -94,6 +94,8 @@ def main() -> None:
     p.add_argument("--die-in-step", type=int, default=None)
     p.add_argument("--compression", default="none")
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--matchmaking-timeout", type=float, default=4.0)
+    p.add_argument("--allreduce-timeout", type=float, default=3.0)
     p.add_argument("--evil", default=None, choices=sorted(EVIL_MODES), help="misbehave as a group-mate")
     args = p.parse_args()
     os.setpgrp()  # the test can then reap our p2pd even if we are SIGKILLed
@@ -104,7 +106,8 @@ def main() -> None:
             f.write(str(net.p2pd_pid))
         averager = MoshpitAverager(net, AveragerOptions(prefix="enginetest", index=args.index,
                                                         compression=args.compression,
-                                                        matchmaking_timeout=4.0, allreduce_timeout=3.0))
+                                                        matchmaking_timeout=args.matchmaking_timeout,
+                                                        allreduce_timeout=args.allreduce_timeout))
         if args.evil:
             averager._runner_cls = evil_runner(args.evil)
         if args.die_in_step is not None:

@@ -11,7 +11,7 @@ SECRET = bytes(range(32))
 def run_group(tmp_path, bootstrap, *, evil_mode):
     """Peers 0 and 1 are honest, peer 2 misbehaves; one group of three, one MAR step."""
     return run_engine_peers(str(tmp_path), bootstrap, live=[0, 1, 2], num_peers=3, gs=3, ni=1,
-                            extra=lambda i: ["--evil", evil_mode] if i == 2 else [])
+                            extra=lambda i: ["--matchmaking-timeout", "60", "--allreduce-timeout", "30"] + (["--evil", evil_mode] if i == 2 else []))
 
 
 @pytest.fixture
@@ -25,6 +25,7 @@ def bootstrap(no_new_p2pd):
 def test_a_bad_groupmate_never_breaks_the_honest_peers(tmp_path, bootstrap, mode):
     codes = run_group(tmp_path, bootstrap, evil_mode=mode)
     assert codes[0] == 0 and codes[1] == 0, (tmp_path / "peer0.log").read_text()[-3000:]
+    assert (tmp_path / "peer0.pt.json").read_text().startswith('{"members": [[0, 1, 2]]')  # peer 2 was in the group
     honest = [torch.load(tmp_path / f"peer{i}.pt") for i in (0, 1)]
     for tensors in honest:
         assert all(bool(torch.isfinite(t).all()) for t in tensors)
