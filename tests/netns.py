@@ -1,5 +1,7 @@
 """Separate "hosts" for multi-host tests: network namespaces from ``../shared/netns`` (see its README).
 
+Also used by ``bench/bench_aggregation.py --hosts K`` (so this module must not import ``conftest``).
+
 Each test gets its own set (a unique name prefix and state file), so tests and manual runs never share or
 remove each other's namespaces; ``down`` stops whatever is still running inside (by the kit's own pid list)
 and removes exactly what ``up`` made. Needs root and ``ip netns``; otherwise the tests skip and say why.
@@ -12,8 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from conftest import ROOT
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # not conftest's: the bench imports this too
 KIT = os.environ.get("MARFL_NETNS_KIT", os.path.join(ROOT, "..", "shared", "netns"))
 SUBNET = "198.51.100"
 

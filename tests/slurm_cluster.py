@@ -1,8 +1,13 @@
-"""A private single-node Slurm cluster (munged + slurmctld + slurmd) under a temp dir, for integration tests.
+"""A private Slurm cluster (munged + slurmctld + slurmd) under a temp dir, for integration tests.
 
 Debian's ``slurmctld``, ``slurmd``, ``slurm-client`` and ``munge`` must be installed (``.ci/run`` installs them
 when it runs as root). Every daemon gets its own ports, socket, state and log files under ``root``, so the
 cluster never touches a system-wide Slurm or munge; ``stop()`` kills exactly the daemons it started.
+
+Single node (default): one slurmd on this machine, named after the host. Several nodes: pass ``hosts``, a
+``tests/netns.py`` ``Hosts`` made with ``attach_root=True``; slurmd ``n<i>`` then runs inside host i's network
+namespace (``NodeAddr`` = its address), slurmctld stays in the root namespace and is reached at the root's address
+on the segment (198.51.100.254). munge's socket is a path, so it is shared across the namespaces, like the files.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
 
@@ -35,8 +40,16 @@ def _free_port() -> int:
 @dataclass
 class SlurmCluster:
     root: str
-    cpus: int = 2
+    cpus: int = 2  # per node
+    hosts: Any = None  # multi-node: netns Hosts (attach_root=True); node i = slurmd -N n<i> inside host i
+    controller_addr: str = "198.51.100.254"  # where nodes reach slurmctld (the root namespace on the segment)
     procs: Dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def nodes(self) -> List[str]:
+        if self.hosts is None:
+            return [socket.gethostname().split(".")[0]]
+        return [f"n{i}" for i in range(self.hosts.count)]
 
     @property
     def conf(self) -> str:
@@ -49,20 +62,27 @@ class SlurmCluster:
     def _write_conf(self) -> None:
         host = socket.gethostname().split(".")[0]
         r = self.root
+        if self.hosts is None:
+            controller, per_node = host, ""
+            node_lines = [f"NodeName={host} CPUs={self.cpus} State=UNKNOWN"]
+        else:  # every slurmd has its own spool, pid and log file (%n: its node name)
+            controller, per_node = f"{host}({self.controller_addr})", "-%n"
+            node_lines = [f"NodeName={name} NodeAddr={self.hosts.address(i)} CPUs={self.cpus} State=UNKNOWN"
+                          for i, name in enumerate(self.nodes)]
         lines = [
-            "ClusterName=marfltest", f"SlurmctldHost={host}", f"SlurmctldPort={_free_port()}",
+            "ClusterName=marfltest", f"SlurmctldHost={controller}", f"SlurmctldPort={_free_port()}",
             f"SlurmdPort={_free_port()}", "AuthType=auth/munge", "CredType=cred/munge",
             f"AuthInfo=socket={r}/munge.sock", "SlurmUser=root", "SlurmdUser=root",
-            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool",
-            f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd.pid",
-            f"SlurmctldLogFile={r}/slurmctld.log", f"SlurmdLogFile={r}/slurmd.log",
+            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool{per_node}",
+            f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd{per_node}.pid",
+            f"SlurmctldLogFile={r}/slurmctld.log", f"SlurmdLogFile={r}/slurmd{per_node}.log",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SchedulerType=sched/backfill",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "ReturnToService=2",
             "MpiDefault=none", "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none", "SlurmdTimeout=30", "InactiveLimit=0", "KillWait=15", "MinJobAge=300",
             "JobRequeue=1", "PlugStackConfig=/dev/null",
-            f"NodeName={host} CPUs={self.cpus} State=UNKNOWN",
-            f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
+            *node_lines,
+            f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
         ]
         with open(self.conf, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -73,7 +93,8 @@ class SlurmCluster:
                                             start_new_session=True)
 
     def start(self, timeout: float = 60.0) -> "SlurmCluster":
-        for sub in ("state", "spool", "munge"):
+        spools = ["spool"] if self.hosts is None else [f"spool-{name}" for name in self.nodes]
+        for sub in ("state", "munge", *spools):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         os.chmod(self.root, 0o755)
         key = os.path.join(self.root, "munge", "munge.key")
@@ -87,14 +108,19 @@ class SlurmCluster:
                                f"--seed-file={r}/munge/seed"])
         self._wait(lambda: os.path.exists(f"{r}/munge.sock"), timeout, "munged socket")
         self._start("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", self.conf])
-        self._start("slurmd", [_which("slurmd"), "-D", "-f", self.conf])
-        self._wait(self._node_idle, timeout, "an idle Slurm node")
+        if self.hosts is None:
+            self._start("slurmd", [_which("slurmd"), "-D", "-f", self.conf])
+        else:  # nsenter, not `ip netns exec`: that remounts /sys and hides /sys/fs/cgroup from slurmd
+            for i, name in enumerate(self.nodes):
+                self._start(f"slurmd-{name}", self.hosts.wrap(i, [_which("slurmd"), "-D", "-N", name, "-f", self.conf]))
+        self._wait(self._nodes_idle, timeout, f"{len(self.nodes)} idle Slurm node(s)")
         return self
 
-    def _node_idle(self) -> bool:
-        out = subprocess.run([_which("sinfo") or "sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
-                             env=self.env)
-        return out.returncode == 0 and out.stdout.strip().startswith("idle")
+    def _nodes_idle(self) -> bool:
+        out = subprocess.run([_which("sinfo") or "sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True,
+                             text=True, env=self.env)
+        states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+        return out.returncode == 0 and all(states.get(name, "").startswith("idle") for name in self.nodes)
 
     def _wait(self, check, timeout: float, what: str) -> None:
         deadline = time.time() + timeout
@@ -145,7 +171,8 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancel the jobs, stop the daemons this cluster started, then kill whatever of its jobs is left."""
         self._cancel_jobs()
-        for name in ("slurmd", "slurmctld", "munged"):
+        slurmds = [name for name in self.procs if name.startswith("slurmd")]
+        for name in (*slurmds, "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
