@@ -725,6 +725,8 @@ class MoshpitAverager:
             members = [_Member(self.options.index, b"")]
         else:
             members = await self._form_group(key, expected, started + self.options.matchmaking_timeout)
+        if len(members) > 1:  # group-mates met for the first time may have published their addresses a moment ago
+            await self.network.await_addresses(m.peer_id for m in members)
         matched = time.monotonic()
         indices = tuple(m.index for m in members)
         report = StepReport(members=indices, rank=indices.index(self.options.index),

@@ -44,6 +44,9 @@ DHT_RPC_TIMEOUT = 10.0
 # a known peer is dialled again at its published addresses after this long (connections can be pruned)
 REDIAL_AFTER = 60.0
 ADDRESS_REFRESH_MIN_INTERVAL = 1.0  # re-read the address records at most this often when a peer is unknown
+# a group-mate not yet in the address book (its record may still be on its way) is looked up again with
+# backoff for this long before the exchange goes ahead without a dial
+ADDRESS_LOOKUP_PATIENCE = DHT_RPC_TIMEOUT
 MAX_ADDRS_PER_PEER = 8
 MAX_MADDR_CHARS = 256
 
@@ -483,10 +486,29 @@ class PeerNetwork:
                 self.addresses[parsed[0]] = parsed[1]
         return len(self.addresses)
 
+    async def await_addresses(self, peer_ids: Iterable[bytes], *, patience: float = ADDRESS_LOOKUP_PATIENCE) -> bool:
+        """Refresh the address book with backoff until it holds every one of ``peer_ids`` or ``patience`` runs out.
+
+        Routing itself never waits (the DHT talks to peers before they publish); callers that are about to
+        exchange tensors with group-mates met for the first time wait here, so the first dial is not skipped.
+        Returns whether every peer is known.
+        """
+        missing = set(peer_ids) - {self.p2p.peer_id.to_bytes()}
+        deadline, delay = time.monotonic() + patience, 0.25
+        while not missing <= self.addresses.keys():
+            try:
+                await asyncio.wait_for(self.refresh_addresses(), max(0.1, deadline - time.monotonic()))
+            except Exception as e:  # noqa: BLE001 - retried until the deadline
+                logger.debug("address refresh failed: %r", e)
+            if missing <= self.addresses.keys() or time.monotonic() + delay >= deadline:
+                break
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
+        return missing <= self.addresses.keys()
+
     async def is_member(self, peer_id) -> bool:
         """Whether ``peer_id`` published an address record of this run (authenticated when the run is closed)."""
-        key = peer_id.to_bytes()
-        return bool(await self._lookup_address(key)) or key in self.addresses
+        return await self.await_addresses([peer_id.to_bytes()])
 
     async def _lookup_address(self, peer_id: bytes) -> List[Any]:
         if peer_id not in self.addresses and time.monotonic() - self._last_refresh >= ADDRESS_REFRESH_MIN_INTERVAL:

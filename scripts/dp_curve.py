@@ -5,6 +5,8 @@
 ``summary.json`` and ``metrics.jsonl``, prints one table row per run (z, rounds, final and best accuracy, ε central
 and group-mate at the last round, the noise source) and plots final (and best) accuracy against the central ε,
 labelled by z, with the group-mate ε on a second panel. A run with seeded (not private) noise is marked as such.
+``--at-round R`` reads every run at round R instead (accuracy of the last tested round ≤ R, best up to R, ε at R),
+so runs of different lengths compare at the same privacy horizon.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def _read_jsonl(path: str) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def load_run(run_dir: str) -> DpRun:
+def load_run(run_dir: str, at_round: Optional[int] = None) -> DpRun:
     with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
     with open(os.path.join(run_dir, "summary.json")) as f:
@@ -42,11 +44,21 @@ def load_run(run_dir: str) -> DpRun:
     rows = [r for r in _read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "dp_epsilon" in r]
     if not config.get("dp") or not rows:
         raise ValueError(f"{run_dir}: not a finished --dp run")
-    last = rows[-1]
-    return DpRun(run_dir=run_dir, noise_multiplier=config["noise_multiplier"], rounds=summary["rounds"],
-                 status=summary["status"], final_accuracy=summary["final_test_accuracy"],
-                 best_accuracy=summary["best_test_accuracy"], epsilon=last["dp_epsilon"],
-                 epsilon_groupmate=last["dp_epsilon_groupmate"], noise=summary.get("dp_noise", last.get("dp_noise")))
+    noise = summary.get("dp_noise", rows[-1].get("dp_noise"))
+    if at_round is None:
+        last = rows[-1]
+        return DpRun(run_dir=run_dir, noise_multiplier=config["noise_multiplier"], rounds=summary["rounds"],
+                     status=summary["status"], final_accuracy=summary["final_test_accuracy"],
+                     best_accuracy=summary["best_test_accuracy"], epsilon=last["dp_epsilon"],
+                     epsilon_groupmate=last["dp_epsilon_groupmate"], noise=noise)
+    upto = [r for r in rows if r["round"] <= at_round]
+    if not upto or upto[-1]["round"] != at_round:
+        raise ValueError(f"{run_dir}: has no round {at_round}")
+    tested = [r["test_accuracy"] for r in upto if r.get("test_accuracy") is not None]
+    return DpRun(run_dir=run_dir, noise_multiplier=config["noise_multiplier"], rounds=at_round,
+                 status=f"at round {at_round}", final_accuracy=tested[-1] if tested else None,
+                 best_accuracy=max(tested, default=None), epsilon=upto[-1]["dp_epsilon"],
+                 epsilon_groupmate=upto[-1]["dp_epsilon_groupmate"], noise=noise)
 
 
 def table(runs: Sequence[DpRun]) -> str:
@@ -89,8 +101,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default="bench/dp_curve.png")
+    p.add_argument("--at-round", type=int, default=None, help="read every run at this round (default: its end)")
     args = p.parse_args(argv)
-    runs = sorted((load_run(d) for d in args.run_dirs), key=lambda r: r.noise_multiplier)
+    runs = sorted((load_run(d, args.at_round) for d in args.run_dirs), key=lambda r: r.noise_multiplier)
     print(table(runs))
     plot(runs, args.out)
     print(f"wrote {args.out}")

@@ -37,3 +37,16 @@ def test_a_run_without_dp_is_refused(tmp_path):
     (run / "config.json").write_text(json.dumps({"dp": False, "noise_multiplier": 1.0}))
     with pytest.raises(ValueError, match="not a finished --dp run"):
         dp_curve.load_run(str(run))
+
+
+def test_at_round_reads_every_run_at_the_same_round(tmp_path):
+    run = fake_run(tmp_path, 1.0, 80.0, 72.5)
+    rows = [{"round": r, "dp_epsilon": 10.0 * r, "dp_epsilon_groupmate": 100.0 * r, "test_accuracy": acc}
+            for r, acc in ((1, 50.0), (2, None), (3, 70.0), (4, 60.0))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    at2 = dp_curve.load_run(str(run), at_round=2)
+    assert (at2.epsilon, at2.epsilon_groupmate, at2.final_accuracy, at2.best_accuracy) == (20.0, 200.0, 50.0, 50.0)
+    at4 = dp_curve.load_run(str(run), at_round=4)
+    assert (at4.final_accuracy, at4.best_accuracy, at4.rounds) == (60.0, 70.0, 4)
+    with pytest.raises(ValueError, match="has no round 9"):
+        dp_curve.load_run(str(run), at_round=9)
