@@ -43,6 +43,8 @@ DHT_RPC_TIMEOUT = 10.0
 
 # a known peer is dialled again at its published addresses after this long (connections can be pruned)
 REDIAL_AFTER = 60.0
+# libp2p backs off from an address for ~5 s after a failed dial; a stream to a group-mate retries for this long
+DIAL_PATIENCE, DIAL_RETRY_INTERVAL = 12.0, 1.0
 ADDRESS_REFRESH_MIN_INTERVAL = 1.0  # re-read the address records at most this often when a peer is unknown
 # a group-mate not yet in the address book (its record may still be on its way) is looked up again with
 # backoff for this long before the exchange goes ahead without a dial
@@ -255,7 +257,10 @@ class RoutedP2P:
             self._dialled: Dict[bytes, float] = {}
         return self._dialled
 
-    async def _ensure_route(self, peer_id) -> None:
+    async def _ensure_route(self, peer_id, *, patience: float = 0.0) -> None:
+        """Dial ``peer_id`` at its published addresses. libp2p refuses to dial an address again for a few seconds
+        after a failed dial ("dial backoff", e.g. after a DHT query cancelled its dial); with ``patience`` the dial
+        is retried until that passes."""
         dialled, key = self._routing_state(), peer_id.to_bytes()
         last = dialled.get(key)
         if self.lookup is None or key == self.peer_id.to_bytes() or (last and time.monotonic() - last < REDIAL_AFTER):
@@ -263,28 +268,44 @@ class RoutedP2P:
         maddrs = await self.lookup(key)
         if not maddrs:
             return
-        try:
-            await asyncio.wait_for(self._client.connect(peer_id, maddrs), DHT_RPC_TIMEOUT)
-            dialled[key] = time.monotonic()
-        except Exception as e:  # noqa: BLE001 - the call itself will fail and say why
-            logger.debug("could not dial %s at %s: %r", peer_id, maddrs, e)
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                await asyncio.wait_for(self._client.connect(peer_id, maddrs), DHT_RPC_TIMEOUT)
+                dialled[key] = time.monotonic()
+                return
+            except Exception as e:  # noqa: BLE001 - the call itself will fail and say why
+                if "dial backoff" not in str(e) or time.monotonic() + DIAL_RETRY_INTERVAL > deadline:
+                    logger.debug("could not dial %s at %s: %r", peer_id, maddrs, e)
+                    return
+            await asyncio.sleep(DIAL_RETRY_INTERVAL)
 
     def _forget_route(self, peer_id) -> None:
         self._routing_state().pop(peer_id.to_bytes(), None)
 
-    async def _routed(self, call, peer_id, *args, **kwargs):
-        await self._ensure_route(peer_id)
-        try:
-            return await call(peer_id, *args, **kwargs)
-        except Exception:
-            self._forget_route(peer_id)  # dial again next time: the peer may have moved or restarted
-            raise
+    async def _routed(self, call, peer_id, *args, patience: float = 0.0, **kwargs):
+        """``call`` after a dial; with ``patience``, a call refused for a dial backoff (it sent nothing) is tried
+        again until the backoff passes: two group-mates that dial each other at once can both fail the
+        handshake, and libp2p then refuses to dial either address for a few seconds."""
+        deadline = time.monotonic() + patience
+        while True:
+            await self._ensure_route(peer_id, patience=max(0.0, deadline - time.monotonic()))
+            try:
+                return await call(peer_id, *args, **kwargs)
+            except Exception as e:
+                self._forget_route(peer_id)  # dial again next time: the peer may have moved or restarted
+                if "dial backoff" not in str(e) or time.monotonic() + DIAL_RETRY_INTERVAL > deadline:
+                    raise
+                logger.debug("stream to %s refused for a dial backoff; trying again", peer_id)
+            await asyncio.sleep(DIAL_RETRY_INTERVAL)
 
     async def _call_unary_protobuf_handler(self, peer_id, *args, **kwargs):
         return await self._routed(super()._call_unary_protobuf_handler, peer_id, *args, **kwargs)
 
     async def call_binary_stream_handler(self, peer_id, *args, **kwargs):
-        return await self._routed(super().call_binary_stream_handler, peer_id, *args, **kwargs)
+        # streams carry tensors to group-mates: worth waiting out a dial backoff (DHT calls never wait for it)
+        return await self._routed(super().call_binary_stream_handler, peer_id, *args, patience=DIAL_PATIENCE,
+                                  **kwargs)
 
 
 # ==================== closed runs ====================
