@@ -220,6 +220,9 @@ class OrderedReducer(TensorPartReducer):
             self.current_part_future.set_result(self.accumulator.div_(max(self.denominator, 1e-30)))
             self.reset_accumulators()
 
+STREAM_LINGER = 5.0  # at most this long an all-reduce stream stays open after its last message
+
+
 class CountingRunner(AllReduceRunner):
     """Butterfly all-reduce that counts the protobuf bytes it puts on and takes off the wire."""
 
@@ -269,15 +272,25 @@ class CountingRunner(AllReduceRunner):
     def _get_peer_stub(self, peer):
         stub = super()._get_peer_stub(peer)
         traffic = self.traffic
+        expected = self.tensor_part_container.num_parts_by_peer[self.ordered_peer_ids.index(peer)]
 
         class _CountingStub:
             async def rpc_aggregate_part(self, inputs):
                 stream = await stub.rpc_aggregate_part(inputs)
 
                 async def counted():
-                    async for msg in stream:
-                        traffic.received += msg.ByteSize()
-                        yield msg
+                    # stop reading after the last expected part instead of waiting for the reducer to close: the
+                    # reader, not the writer, ends the stream, so no part still in flight is cut off by a close
+                    received = 0
+                    try:
+                        async for msg in stream:
+                            traffic.received += msg.ByteSize()
+                            yield msg
+                            received += 1
+                            if received >= expected > 0:
+                                break
+                    finally:
+                        await stream.aclose()
 
                 return counted()
 
@@ -296,6 +309,9 @@ class CountingRunner(AllReduceRunner):
         finally:
             self._to_serve.discard(context.remote_id)
             self._check_served()
+        # the stream closes when this handler returns: keep it open until the group-mate, which stops reading
+        # after its last part, closes it (a close right after the last part could cut it off on a slow link)
+        await asyncio.sleep(STREAM_LINGER)
 
 
 class MoshpitServicer(ServicerBase):
