@@ -1102,8 +1102,8 @@ def _plots_module():
 
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "plots.py")
     spec = importlib.util.spec_from_file_location("mar_fl_plots", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)  # registered first: its dataclasses look their module up
     return module
 
 

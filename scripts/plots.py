@@ -118,8 +118,11 @@ def load_run(run_dir: str) -> Run:
 
 def load_runs(run_dirs: Sequence[str]) -> List[Run]:
     """Every readable run of ``run_dirs``; each one that cannot be read is reported on stderr and skipped."""
-    runs = []
+    runs, seen = [], set()
     for run_dir in run_dirs:
+        if os.path.realpath(run_dir) in seen:
+            continue  # the same run twice is one run, not two seeds
+        seen.add(os.path.realpath(run_dir))
         try:
             runs.append(load_run(run_dir))
         except RunError as e:
@@ -340,11 +343,14 @@ def _new_figure(width: float = 7.0, height: float = 4.5):
 
 
 def _save(fig, out_dir: str, name: str) -> List[str]:
+    import matplotlib
+
     paths = []
-    for fmt in FORMATS:
-        path = os.path.join(out_dir, f"{name}.{fmt}")
-        fig.savefig(path, format=fmt, dpi=120, bbox_inches="tight")
-        paths.append(path)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text stays text (searchable, editable)
+        for fmt in FORMATS:
+            path = os.path.join(out_dir, f"{name}.{fmt}")
+            fig.savefig(path, format=fmt, dpi=120, bbox_inches="tight")
+            paths.append(path)
     return paths
 
 
