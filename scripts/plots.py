@@ -337,9 +337,16 @@ def _new_figure(width: float = 7.0, height: float = 4.5):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height))
+    fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def _integer_ticks(ax) -> None:
+    """Rounds are whole numbers: no 1.25 on a round axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _save(fig, out_dir: str, name: str) -> List[str]:
@@ -355,7 +362,7 @@ def _save(fig, out_dir: str, name: str) -> List[str]:
 
 
 def _line_plot(groups: Sequence[Group], labels: Sequence[str], key: str, *, vs_time: bool, ylabel: str,
-               title: str, scale: float = 1.0, xlabel: Optional[str] = None):
+               title: str, scale: float = 1.0, from_zero: bool = False):
     fig = _new_figure()
     ax = fig.add_subplot(1, 1, 1)
     for group, label in zip(groups, labels):
@@ -369,7 +376,11 @@ def _line_plot(groups: Sequence[Group], labels: Sequence[str], key: str, *, vs_t
         if len(group.runs) > 1:
             ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)],
                             color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xlabel(xlabel or ("wall time (s since the run started)" if vs_time else "round"))
+    ax.set_xlabel("wall time (s since the run started)" if vs_time else "round")
+    if from_zero:
+        ax.set_ylim(bottom=0)
+    if not vs_time:
+        _integer_ticks(ax)
     ax.set_ylabel(ylabel)
     ax.set_title(title + (" (mean ± std over seeds)" if any(len(g.runs) > 1 for g in groups) else ""))
     ax.grid(True, alpha=0.3)
@@ -381,7 +392,7 @@ def _line_plot(groups: Sequence[Group], labels: Sequence[str], key: str, *, vs_t
 def _time_split_plot(groups: Sequence[Group], labels: Sequence[str]):
     """Per configuration a panel of stacked bars per round: train, aggregate, and the rest of the round (test,
     and waiting for the slowest peer: round_seconds is the slowest peer's, train/aggregate the peers' mean)."""
-    fig = _new_figure(7.0, 2.8 * len(groups) + 0.8)
+    fig = _new_figure(9.0, 2.8 * len(groups) + 0.8)
     for index, (group, label) in enumerate(zip(groups, labels), 1):
         ax = fig.add_subplot(len(groups), 1, index)
         rounds, train, _, _ = series(group.runs, "train_seconds")
@@ -400,8 +411,10 @@ def _time_split_plot(groups: Sequence[Group], labels: Sequence[str]):
         ax.set_title(label, fontsize="medium")
         ax.grid(True, axis="y", alpha=0.3)
         if index == 1:
-            ax.legend(fontsize="small")
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.axes[-1].set_xlabel("round")
+    for ax in fig.axes:
+        _integer_ticks(ax)
     fig.suptitle("round time split" + (" (mean over seeds)" if any(len(g.runs) > 1 for g in groups) else ""))
     return fig
 
@@ -419,7 +432,8 @@ def plot_groups(groups: Sequence[Group], labels: Sequence[str], out_dir: str) ->
         ("loss_vs_time", _line_plot(groups, labels, "test_loss", vs_time=True, ylabel="test loss",
                                     title="test loss")),
         ("bytes_per_round", _line_plot(groups, labels, "bytes_sent_per_peer", vs_time=False, scale=MB,
-                                       ylabel="MB sent per peer", title="bytes sent per peer per round")),
+                                       ylabel="MB (10⁶ bytes) sent per peer", from_zero=True,
+                                       title="bytes sent per peer per round")),
         ("round_time_split", _time_split_plot(groups, labels)),
     ]
     paths = []
@@ -433,7 +447,7 @@ def write_run_plots(run_dir: str) -> List[str]:
     try:
         run = load_run(run_dir)
     except RunError as e:
-        logger.warning("no plots: %s", e)
+        logger.info("no plots: %s", e)
         return []
     groups = group_runs([run])
     return plot_groups(groups, group_labels(groups), os.path.join(run_dir, "plots"))
