@@ -368,7 +368,7 @@ def _line_plot(groups: Sequence[Group], labels: Sequence[str], key: str, *, vs_t
     for group, label in zip(groups, labels):
         rounds, means, stds, times = series(group.runs, key, scale)
         xs = times if vs_time else rounds
-        points = [(x, m, s) for x, m, s in zip(xs, means, stds) if not math.isnan(x)]
+        points = [(x, m, s) for x, m, s in zip(xs, means, stds) if not math.isnan(x) and m is not None]
         if not points:
             continue
         x, m, s = (list(v) for v in zip(*points))
@@ -443,7 +443,7 @@ def plot_groups(groups: Sequence[Group], labels: Sequence[str], out_dir: str) ->
 
 
 def write_run_plots(run_dir: str) -> List[str]:
-    """The end-of-run plots of one run, in ``RUN_DIR/plots/``. [] (and a warning) when it has no rows."""
+    """The end-of-run plots of one run, in ``RUN_DIR/plots/``; [] (logged) when it has no metrics rows."""
     try:
         run = load_run(run_dir)
     except RunError as e:

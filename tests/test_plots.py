@@ -155,6 +155,17 @@ def test_end_of_run_plots_of_one_run(tmp_path):
     assert plots.write_run_plots(str(tmp_path / "nothing")) == []
 
 
+def test_the_launcher_writes_plots_and_only_then_imports_matplotlib(tmp_path):
+    run = fake_run(tmp_path, "one", seed=7, accuracies=[50, 60], extra_lines='{"round": 3, "test_loss": NaN}\n')
+    code = ("import sys, mar_fl; assert 'matplotlib' not in sys.modules; mar_fl._plots_module(); "
+            "assert 'matplotlib' not in sys.modules, 'imported eagerly'; "
+            f"mar_fl.write_plots({str(run)!r}); assert 'matplotlib' in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"plots: {run / 'plots'}" in proc.stdout
+    assert all((run / "plots" / f"{n}.svg").stat().st_size > 5000 for n in NAMES)
+
+
 def test_a_plot_failure_is_a_warning_not_the_runs_failure(tmp_path, monkeypatch, caplog):
     import mar_fl
 
