@@ -1096,6 +1096,26 @@ def prepare_resume(cfg: RunConfig, run_dir: str, *, primary: bool) -> int:
 # ==================== command line ====================
 
 
+def _plots_module():
+    """``scripts/plots.py``, loaded from its path when needed (peers never import it, nor matplotlib)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "plots.py")
+    spec = importlib.util.spec_from_file_location("mar_fl_plots", path)
+    module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)  # registered first: its dataclasses look their module up
+    return module
+
+
+def write_plots(run_dir: str) -> None:
+    """``RUN_DIR/plots/`` at the end of a run; a plot that fails is a warning, never the run's failure."""
+    try:
+        if _plots_module().write_run_plots(run_dir):
+            print(f"plots: {os.path.join(run_dir, 'plots')}", flush=True)
+    except Exception as e:  # noqa: BLE001 - the run's results are already written
+        logger.warning("plots not written: %s: %s", type(e).__name__, e)
+
+
 def _check_device(cfg: RunConfig) -> None:
     if cfg.device == "cuda":
         import torch
@@ -1202,9 +1222,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if status == "preempted":
                 print(f"every peer checkpointed round {summary['rounds']}; continue with: "
                       f"python mar_fl.py --resume {run_dir}", flush=True)
+            write_plots(run_dir)
         launcher.finish_wandb()
     return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python mar_fl.py plot RUN_DIR... --out DIR`: compare finished runs (scripts/plots.py)
+    sys.exit(_plots_module().main(sys.argv[2:]) if sys.argv[1:2] == ["plot"] else main())
