@@ -7,6 +7,7 @@ the launcher only spawns, supervises and collects the metrics that peers append 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -127,7 +128,7 @@ def _pin_peer(cfg: RunConfig, index: int) -> str:
     return "cpu"
 
 
-def _setup_peer_logging(run_dir: str, index: int) -> None:
+def _setup_peer_logging(run_dir: str, index: int, level: str = "INFO") -> None:
     """Peers log to ``logs/peer_NNNN.log``; their stdout/stderr (library warnings, p2pd) go there too."""
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     path = os.path.join(run_dir, "logs", f"peer_{index:04d}.log")
@@ -141,7 +142,7 @@ def _setup_peer_logging(run_dir: str, index: int) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+    root.setLevel(level)
     for noisy in ("hivemind", "hivemind.averaging.partition"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -182,7 +183,7 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
     signal.signal(signal.SIGINT, stop)
     _watch_launcher(launcher_pid)
     cfg = config_from_json(cfg_json)
-    _setup_peer_logging(run_dir, index)
+    _setup_peer_logging(run_dir, index, cfg.log_level)
     network = None
     try:
         from peer_synchronization import NetworkOptions, PeerNetwork
@@ -705,7 +706,7 @@ class Launcher:
     """Spawns and supervises this host's peers; on the primary host also collects metrics and decides stops."""
 
     def __init__(self, cfg: RunConfig, run_dir: str, *, primary: bool, prepared: Dict[str, Any],
-                 resume_round: int = 0):
+                 resume_round: int = 0, wandb_run: Any = None):
         from config_setup import read_allocation
 
         self.cfg, self.run_dir, self.primary, self.prepared = cfg, run_dir, primary, prepared
@@ -720,7 +721,7 @@ class Launcher:
         self.run_secret: Optional[bytes] = None
         self.stop_reason: Optional[str] = None
         self.stopping = False
-        self.wandb = None
+        self.wandb = wandb_run  # a wandb_logging.WandbRun on the primary host, None when disabled
         self.history: List[Dict[str, Any]] = []
         self.failed_peers: Dict[int, int] = {}
         self.restarts: Dict[int, int] = {}
@@ -824,8 +825,7 @@ class Launcher:
         self._spawn_peers(initial_peers)
         collector = MetricsCollector(self.run_dir, self.cfg.num_peers, stale_after=stale_after_seconds(self.cfg))
         self._continue_history(collector)
-        if self.primary:
-            self._init_wandb()
+        self._log_wandb(self.history)  # rounds of a resumed run that wandb has not seen yet (else none)
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", buffering=1) as metrics:
             while any(p.is_alive() for p in self.procs.values()):
                 self._reap_dead()
@@ -860,10 +860,17 @@ class Launcher:
             self.history.append(row)
             metrics_file.write(json.dumps(row) + "\n")
             print(status_line(row, self.cfg.rounds), flush=True)
-            if self.wandb is not None:
-                shm = self.watchdog.metrics() if self.watchdog else {}
-                self.wandb.log({**{k: v for k, v in row.items() if v is not None}, **shm}, step=row["round"])
+            self._log_wandb([row], self.watchdog.metrics() if self.watchdog else {})
             self._check_stop(row, collector)
+
+    def _log_wandb(self, rows: Sequence[Dict[str, Any]], extra: Optional[Dict[str, Any]] = None) -> None:
+        """Per-round metrics to wandb, the round as step; a failure there never stops the run."""
+        if self.wandb is None or not rows:
+            return
+        try:
+            self.wandb.log_rows(rows, extra)
+        except Exception as e:  # noqa: BLE001 - metrics.jsonl still has every row
+            logger.warning("wandb log failed: %s", e)
 
     def _check_stop(self, row: Dict[str, Any], collector: MetricsCollector) -> None:
         cfg = self.cfg
@@ -898,23 +905,6 @@ class Launcher:
                 if proc.exitcode not in (0, None) and not self.stopping:
                     logger.warning("peer %d exited with code %s", index, proc.exitcode)
 
-    def _init_wandb(self) -> None:
-        if self.cfg.wandb_mode == "disabled":
-            return
-        try:
-            import wandb
-
-            id_file = os.path.join(self.run_dir, "wandb_id")
-            run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
-            with open(id_file, "w") as f:
-                f.write(run_id)
-            # a resumed run (same run dir) continues the same wandb run
-            self.wandb = wandb.init(project=self.cfg.wandb_project, entity=self.cfg.wandb_entity, id=run_id,
-                                    resume="allow", name=os.path.basename(self.run_dir), config=self.cfg.to_json(),
-                                    dir=self.run_dir, mode=self.cfg.wandb_mode)
-        except Exception as e:  # noqa: BLE001 - metrics still land in metrics.jsonl
-            logger.warning("wandb disabled: %s", e)
-
     def write_summary(self, status: str) -> Dict[str, Any]:
         tested = [r for r in self.history if r["test_accuracy"] is not None]
         failed, total = failed_step_share(self.history)
@@ -941,7 +931,10 @@ class Launcher:
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         if self.wandb is not None:
-            self.wandb.summary.update({k: v for k, v in summary.items() if v is not None})
+            try:
+                self.wandb.update_summary(summary)
+            except Exception as e:  # noqa: BLE001 - summary.json is written
+                logger.warning("wandb summary failed: %s", e)
         return summary
 
     def shutdown(self, *, grace: float = 15.0) -> None:
@@ -962,10 +955,11 @@ class Launcher:
         if self.watchdog is not None:
             self.watchdog.stop()
 
-    def finish_wandb(self) -> None:
+    def finish_wandb(self, exit_code: int = 0) -> None:
+        """End the wandb run (an offline run is then complete on disk, ready for ``wandb sync``)."""
         if self.wandb is not None:
             try:
-                self.wandb.finish()
+                self.wandb.finish(exit_code)
             except Exception as e:  # noqa: BLE001 - the run's files are already written
                 logger.warning("wandb finish failed: %s", e)
 
@@ -1144,7 +1138,35 @@ def _pre_start(argv: Optional[Sequence[str]]):
         resume_round = prepare_resume(cfg, run_dir, primary=primary) if cfg.resume else 0
     except OSError as e:
         raise ConfigError(f"--resume {run_dir}: cannot move earlier results aside ({e})") from None
-    return cfg, run_dir, prepared, primary, resume_round
+    logging.getLogger().setLevel(cfg.log_level)
+    wandb_run = _start_wandb(cfg, run_dir) if primary else None  # last: it is the only step with a side effect
+    return cfg, run_dir, prepared, primary, resume_round, wandb_run
+
+
+def wandb_settings(cfg: RunConfig, run_dir: str, env: Optional[Dict[str, str]] = None):
+    """The run's wandb settings: its flags, then the WANDB_* variables of ``env`` (default: os.environ)."""
+    from wandb_logging import resolve_settings
+
+    flags = {"mode": cfg.wandb_mode, "project": cfg.wandb_project, "entity": cfg.wandb_entity,
+             "group": cfg.wandb_group, "tags": cfg.wandb_tags, "job_type": cfg.wandb_job_type}
+    return resolve_settings(flags, os.environ if env is None else env, seed=cfg.seed, task=cfg.task,
+                            name=os.path.basename(os.path.abspath(run_dir)))
+
+
+def _start_wandb(cfg: RunConfig, run_dir: str):
+    """Start the wandb run with RUN_DIR/config.json as its config; a wandb that cannot start is a ConfigError
+    (a fresh run dir then loses its config.json again, so the same command can simply be repeated)."""
+    import wandb_logging
+
+    config_path = os.path.join(run_dir, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    try:
+        return wandb_logging.start(wandb_settings(cfg, run_dir), run_dir, config)
+    except wandb_logging.WandbStartError as e:
+        if not cfg.resume:
+            os.unlink(config_path)
+        raise ConfigError(str(e)) from None
 
 
 def _setup_console_logging() -> None:
@@ -1153,7 +1175,30 @@ def _setup_console_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def _restored_process_state():
+    """What ``main`` changes in its process (signal handlers, the root log level) is put back when it returns,
+    so that it can be called from a notebook or a test."""
+    handlers = {signum: signal.getsignal(signum) for signum in HANDLED_SIGNALS}
+    level = logging.getLogger().level
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        logging.getLogger().setLevel(level)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; returns the exit status. Signal handlers and log level are restored on return."""
+    with _restored_process_state():
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     _setup_console_logging()
     import warnings
 
@@ -1162,11 +1207,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ml_tasks import DataError
 
     try:
-        cfg, run_dir, prepared, primary, resume_round = _pre_start(argv)
+        cfg, run_dir, prepared, primary, resume_round, wandb_run = _pre_start(argv)
     except (ConfigError, DataError) as e:
         print(f"mar_fl.py: error: {' '.join(str(e).splitlines())}", file=sys.stderr)  # always one line
         return EXIT_USAGE
-    launcher = Launcher(cfg, run_dir, primary=primary, prepared=prepared, resume_round=resume_round)
+    launcher = Launcher(cfg, run_dir, primary=primary, prepared=prepared, resume_round=resume_round,
+                        wandb_run=wandb_run)
 
     def on_signal(signum, frame):
         raise PeerStopped(EXIT_INTERRUPTED)
@@ -1202,7 +1248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if status == "preempted":
                 print(f"every peer checkpointed round {summary['rounds']}; continue with: "
                       f"python mar_fl.py --resume {run_dir}", flush=True)
-        launcher.finish_wandb()
+        launcher.finish_wandb(code)
     return code
 
 
