@@ -27,7 +27,7 @@ class WandbStartError(RuntimeError):
 
 @dataclass(frozen=True)
 class WandbSettings:
-    """What ``wandb.init`` is given; ``mode_source`` names where the mode came from (for error messages)."""
+    """What ``wandb.init`` is given; ``mode_source`` says where the mode came from (for error messages)."""
 
     mode: str
     project: str
@@ -36,7 +36,11 @@ class WandbSettings:
     tags: Tuple[str, ...] = ()
     job_type: str = DEFAULT_JOB_TYPE
     name: Optional[str] = None
-    mode_source: str = "--wandb"
+    mode_source: str = "flag"  # or "WANDB_MODE", or "default"
+
+    def mode_text(self) -> str:
+        """``--wandb MODE`` as an error message names it, with where the mode came from if not the flag."""
+        return f"--wandb {self.mode}" + ("" if self.mode_source == "flag" else f" (from {self.mode_source})")
 
 
 def default_mode(env: Mapping[str, str], netrc_path: Optional[str] = None) -> str:
@@ -54,8 +58,11 @@ def _env_mode(env: Mapping[str, str]) -> Optional[str]:
     """The mode ``WANDB_MODE`` (or ``WANDB_DISABLED=true``) asks for; None when neither is set."""
     if env.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
         return "disabled"
-    mode = env.get("WANDB_MODE", "").strip().lower()
-    return MODE_ALIASES.get(mode, mode) or None
+    text = env.get("WANDB_MODE", "").strip()
+    mode = MODE_ALIASES.get(text.lower(), text.lower())
+    if mode and mode not in MODES:
+        raise WandbStartError(f"--wandb not given and WANDB_MODE={text!r} is none of {', '.join(MODES)}")
+    return mode or None
 
 
 def split_tags(text: Optional[str]) -> Tuple[str, ...]:
@@ -83,9 +90,9 @@ def resolve_settings(flags: Mapping[str, Optional[str]], env: Mapping[str, str],
     ``flags`` keys: mode, project, entity, group, tags (comma-separated), job_type. The task and the seed are
     always tags, added to those given.
     """
-    env_mode = _env_mode(env)
-    mode = _first(flags.get("mode"), env_mode) or default_mode(env)
-    source = "--wandb" if flags.get("mode") else ("WANDB_MODE" if env_mode else "--wandb (default)")
+    env_mode = None if flags.get("mode") else _env_mode(env)  # a given flag: WANDB_MODE is not even read
+    mode = flags.get("mode") or env_mode or default_mode(env)
+    source = "flag" if flags.get("mode") else ("WANDB_MODE" if env_mode else "default")
     given_tags = split_tags(flags.get("tags")) if flags.get("tags") is not None else split_tags(env.get("WANDB_TAGS"))
     auto_tags = (task, f"seed-{seed}")
     return WandbSettings(
@@ -152,7 +159,7 @@ def _import_wandb(settings: WandbSettings):
     try:
         import wandb
     except Exception as e:  # noqa: BLE001 - ImportError, or a broken install failing inside its import
-        raise WandbStartError(f"{settings.mode_source} {settings.mode}: wandb cannot be imported ({e}); install "
+        raise WandbStartError(f"{settings.mode_text()}: wandb cannot be imported ({e}); install "
                               f"it (requirements.txt) or use --wandb disabled") from None
     return wandb
 
@@ -172,7 +179,7 @@ def start(settings: WandbSettings, run_dir: str, config: Dict[str, Any]) -> Opti
                          resume="allow", config=config, dir=run_dir, mode=settings.mode)
     except Exception as e:  # noqa: BLE001 - wandb raises many kinds (UsageError, CommError, timeouts)
         message = " ".join(str(e).split()) or type(e).__name__
-        raise WandbStartError(f"{settings.mode_source} {settings.mode}: wandb could not start ({message}); "
+        raise WandbStartError(f"{settings.mode_text()}: wandb could not start ({message}); "
                               f"use --wandb disabled to run without it") from None
     write_state(run_dir, state)
     return WandbRun(run, run_dir, state)
