@@ -257,7 +257,7 @@ def _flags_wandb(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb", dest="wandb_mode", choices=WANDB_MODES, default=None,
                    help="mode (default: $WANDB_MODE, else online when an API key is configured, else offline)")
     g.add_argument("--wandb-project", default=None, help="project (default: $WANDB_PROJECT, else mar-fl)")
-    g.add_argument("--wandb-entity", default=None, help="entity (default: $WANDB_ENTITY, else your default)")
+    g.add_argument("--wandb-entity", default=None, help="entity (default: $WANDB_ENTITY, else your own)")
     g.add_argument("--wandb-group", default=None,
                    help="group (default: $WANDB_RUN_GROUP, else slurm-<array job id> in a Slurm array)")
     g.add_argument("--wandb-tags", default=None,
