@@ -35,6 +35,8 @@ import sys
 import tempfile
 import time
 
+import psutil
+
 warnings.filterwarnings("ignore", category=FutureWarning)  # hivemind's torch.jit use at import
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -60,24 +62,20 @@ def global_mean(num_peers: int, round_index: int):
 
 
 def pss_kb(pid: int) -> int:
+    """Proportional set size of a process in KiB (0 when it is gone or not ours to look at)."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+        return psutil.Process(pid).memory_full_info().pss // 1024
+    except (psutil.Error, AttributeError):
+        return 0
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc (works for our p2pd child as well)."""
+    """User + system CPU seconds of a process (works for our p2pd child as well)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return 0.0
+    return times.user + times.system
 
 
 def learn_addresses(net, expected: int, timeout: float = 120.0) -> int:

@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+import psutil
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -31,9 +33,10 @@ def peer_pids(launcher_pid: int):
     parents = set()
     for pid in descendant_pids(launcher_pid):
         try:
-            if open(f"/proc/{pid}/comm").read().strip() == "p2pd":
-                parents.add(int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]))
-        except OSError:
+            process = psutil.Process(pid)
+            if process.name() == "p2pd":
+                parents.add(process.ppid())
+        except psutil.Error:
             continue
     return sorted(parents - {launcher_pid})
 
