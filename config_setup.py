@@ -290,7 +290,8 @@ def _flags_20_newsgroups(p: argparse.ArgumentParser, d: RunConfig) -> None:
 
 def _flags_learning_rate_schedule(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g = p.add_argument_group("learning-rate schedule")
-    g.add_argument("--lr-drop-to", type=float, default=None, help="learning rate that replaces --lr from --lr-drop-round")
+    g.add_argument("--lr-drop-to", type=float, default=None,
+                   help="learning rate that replaces --lr from --lr-drop-round")
     g.add_argument("--lr-drop-round", type=int, default=None,
                    help="first round that trains with --lr-drop-to (a schedule every peer knows in advance)")
 
@@ -366,7 +367,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(0 < seconds <= MAX_TIMEOUT_S, f"{flag} must be in (0, {MAX_TIMEOUT_S}] seconds, got {seconds:g}")
     _check(not (cfg.restart_dead and cfg.dp), "--restart-dead does not support --dp yet (a rejoining peer "
            "would need the DP state of the run)")
-    _check(0 <= cfg.max_failed_percent <= 100, f"--max-failed-steps must be in [0, 100], got {cfg.max_failed_percent:g}")
+    _check(0 <= cfg.max_failed_percent <= 100,
+           f"--max-failed-steps must be in [0, 100], got {cfg.max_failed_percent:g}")
     _check(cfg.kd_dataset_passes >= 1, f"--ds must be at least 1, got {cfg.kd_dataset_passes}")
     _check(not (cfg.kd_no_blending or cfg.kd_all_candidates) or cfg.kd, "--nb and --ac need --kd")
     _check(cfg.ckpt_every >= 0, f"--ckpt-every must be >= 0, got {cfg.ckpt_every}")
@@ -725,7 +727,8 @@ def run_name(cfg: RunConfig) -> str:
     if cfg.split == "dirichlet":
         parts.append(f"niid{cfg.dirichlet_alpha:g}")
     if cfg.kd:
-        parts.append(f"kd{cfg.kd_dataset_passes}" + ("nb" if cfg.kd_no_blending else "") + ("ac" if cfg.kd_all_candidates else ""))
+        parts.append(f"kd{cfg.kd_dataset_passes}" + ("nb" if cfg.kd_no_blending else "")
+                     + ("ac" if cfg.kd_all_candidates else ""))
     if cfg.dp:
         parts.append(f"dp{cfg.noise_multiplier:g}c{cfg.clip_threshold:g}")
     return "_".join(parts)

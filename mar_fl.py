@@ -530,7 +530,8 @@ def load_checkpoint(path: str, state: PeerState, aggregator, *, device: str) -> 
     state.model.load_state_dict(payload["model"])
     for target, source in zip(state.momentum, payload["momentum"]):
         target.copy_(source)
-    state.order.epoch, state.order.cursor, state.order._perm = payload["order"]["epoch"], payload["order"]["cursor"], None
+    state.order.epoch, state.order.cursor = payload["order"]["epoch"], payload["order"]["cursor"]
+    state.order._perm = None
     aggregator.load_state_dict(payload["aggregator"])
     _set_rng_state(payload["rng"])
     state.round_index = payload["round"]
@@ -674,8 +675,8 @@ def status_line(row: Dict[str, Any], rounds: int) -> str:
             f"{row['bytes_sent_per_peer'] / 1e6:.2f} MB sent | peers {row['participating_peers']}"
             + (f" | FAILED steps {row['failed_steps']}/{row['mar_steps']}" if row.get("failed_steps") else "")
             + (f" | KD λ {row['kd_lambda']:.2f}" if "kd_lambda" in row else "")
-            + (f" | ε {row['dp_epsilon']:.2f} (groupmate {row['dp_epsilon_groupmate']:.3g}, noise {row.get('dp_noise')})"
-               if "dp_epsilon" in row else ""))
+            + (f" | ε {row['dp_epsilon']:.2f} (groupmate {row['dp_epsilon_groupmate']:.3g}, "
+               f"noise {row.get('dp_noise')})" if "dp_epsilon" in row else ""))
 
 
 # ==================== launcher ====================
@@ -729,8 +730,13 @@ class Launcher:
         self.started = time.time()
 
     def _start_network(self) -> List[str]:
-        from peer_synchronization import (NetworkOptions, PeerNetwork, load_run_secret, parse_initial_peers,
-                                          write_bootstrap_file)
+        from peer_synchronization import (
+            NetworkOptions,
+            PeerNetwork,
+            load_run_secret,
+            parse_initial_peers,
+            write_bootstrap_file,
+        )
 
         initial = parse_initial_peers(self.cfg.initial_peers, timeout=self.cfg.startup_timeout,
                                       attempt=self.allocation.attempt)

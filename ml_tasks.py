@@ -278,7 +278,7 @@ def _fetch_setfit_news(files: Dict[str, str]) -> Optional[str]:
     try:
         from datasets import load_dataset
     except ImportError:
-        return "the download fallback needs the Hugging Face `datasets` package (in requirements.txt: pip install -r requirements.txt)"
+        return "the download fallback needs the Hugging Face `datasets` package (pip install -r requirements.txt)"
     try:
         os.makedirs(os.path.dirname(files["train"]), exist_ok=True)
         for split, path in files.items():

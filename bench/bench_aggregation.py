@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 import multiprocessing as mp
 import os
 import statistics
@@ -34,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import psutil
 
@@ -120,7 +120,8 @@ def worker(index: int, args: dict, maddrs, results) -> None:
             err = max((a - b).abs().max().item() for a, b in zip(tensors, mean)) if mean else None
             release_freed_memory()
             rows.append({"seconds": seconds, "sent": report.bytes_sent, "received": report.bytes_received,
-                         "err": err, "failed_steps": report.failed_steps, "payload": sum(t.numel() * t.element_size() for t in tensors)})
+                         "err": err, "failed_steps": report.failed_steps,
+                         "payload": sum(t.numel() * t.element_size() for t in tensors)})
         barrier(net, "bench.end", me=index, expected=range(n), timeout=120)
         memory_kb = pss_kb(os.getpid()) + (pss_kb(net.p2pd_pid) if net.p2pd_pid else 0)
         results.put({"index": index, "rows": rows, "memory_kb": memory_kb, "cpu": cpu})

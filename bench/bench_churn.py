@@ -101,7 +101,8 @@ def main() -> None:
                   f"(aggregation {ph['median_aggregation_seconds']:5.2f} s), timed-out steps {ph['timed_out_steps']}, "
                   f"failed steps {ph['failed_steps']}")
     if result["before"] and result["after"]:
-        print(f"  after / before: {result['after']['median_round_seconds'] / result['before']['median_round_seconds']:.2f}")
+        ratio = result["after"]["median_round_seconds"] / result["before"]["median_round_seconds"]
+        print(f"  after / before: {ratio:.2f}")
 
 
 if __name__ == "__main__":
