@@ -965,7 +965,7 @@ class Launcher:
         """End the wandb run (an offline run is then complete on disk, ready for ``wandb sync``)."""
         if self.wandb is not None:
             try:
-                self.wandb.finish(exit_code)
+                self.wandb.finish(exit_code, preempted=exit_code == EXIT_PREEMPTED)
             except Exception as e:  # noqa: BLE001 - the run's files are already written
                 logger.warning("wandb finish failed: %s", e)
 

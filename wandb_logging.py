@@ -151,7 +151,10 @@ class WandbRun:
     def update_summary(self, summary: Dict[str, Any]) -> None:
         self.run.summary.update({key: value for key, value in summary.items() if value is not None})
 
-    def finish(self, exit_code: int) -> None:
+    def finish(self, exit_code: int, *, preempted: bool = False) -> None:
+        """End the run; a preempted one (it will be resumed) is marked so, not as crashed."""
+        if preempted:
+            self.run.mark_preempting()
         self.run.finish(exit_code=exit_code)
 
 

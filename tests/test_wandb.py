@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from conftest import ROOT
-from wandb_logging import WandbStartError, resolve_settings
+from wandb_logging import WandbRun, WandbStartError, read_state, resolve_settings
 
 ROUND_KEYS = {"round", "train_loss", "test_accuracy", "test_loss", "participating_peers", "bytes_sent_per_peer",
               "round_seconds", "train_seconds", "aggregation_seconds", "elapsed_seconds"}
@@ -57,6 +57,32 @@ def test_mode_spellings_and_slurm_array_group():
     assert settings({"SLURM_ARRAY_JOB_ID": "123"}, group="mine").group == "mine"
     with pytest.raises(WandbStartError, match="WANDB_MODE"):
         settings({"WANDB_MODE": "bogus"})
+
+
+class FakeRun:
+    def __init__(self):
+        self.logged, self.summary, self.calls = [], {}, []
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+    def mark_preempting(self):
+        self.calls.append("preempting")
+
+    def finish(self, exit_code):
+        self.calls.append(("finish", exit_code))
+
+
+def test_each_round_is_logged_once_and_remembered(tmp_path):
+    (tmp_path / "wandb.json").write_text(json.dumps({"id": "abc", "last_round": 2}))
+    run = WandbRun(FakeRun(), str(tmp_path), read_state(str(tmp_path)))
+    run.log_rows([{"round": r, "test_accuracy": None, "train_loss": 0.5} for r in (1, 2, 3, 4)], {"shm": 1})
+    run.log_rows([{"round": 4, "train_loss": 0.1}])  # a round re-run after a resume: not logged again
+    assert run.run.logged == [(3, {"round": 3, "train_loss": 0.5, "shm": 1}),
+                              (4, {"round": 4, "train_loss": 0.5, "shm": 1})]
+    assert read_state(str(tmp_path)) == {"id": "abc", "last_round": 4}
+    run.finish(75, preempted=True)
+    assert run.run.calls == ["preempting", ("finish", 75)]
 
 
 def test_peers_and_the_config_never_import_wandb():
