@@ -6,12 +6,16 @@ logged, so a resumed run (same run dir) continues the same wandb run and logs ea
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import secrets
 import string
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+logger = logging.getLogger("mar_fl.wandb")
 
 MODES = ("online", "offline", "disabled")
 # what WANDB_MODE may say besides the three modes (wandb's own older spellings)
@@ -40,7 +44,8 @@ class WandbSettings:
 
     def mode_text(self) -> str:
         """``--wandb MODE`` as an error message names it, with where the mode came from if not the flag."""
-        return f"--wandb {self.mode}" + ("" if self.mode_source == "flag" else f" (from {self.mode_source})")
+        origin = {"flag": "", "default": " (the default: an API key is configured)"}
+        return f"--wandb {self.mode}" + origin.get(self.mode_source, f" (from {self.mode_source})")
 
 
 def default_mode(env: Mapping[str, str], netrc_path: Optional[str] = None) -> str:
@@ -167,22 +172,34 @@ def _import_wandb(settings: WandbSettings):
     return wandb
 
 
+def _init(wandb: Any, settings: WandbSettings, run_dir: str, config: Dict[str, Any], run_id: str) -> Any:
+    """``wandb.init`` with the settings; any failure becomes a one-line WandbStartError."""
+    try:
+        return wandb.init(project=settings.project, entity=settings.entity, group=settings.group,
+                          tags=list(settings.tags), job_type=settings.job_type, name=settings.name, id=run_id,
+                          resume="allow", config=config, dir=run_dir, mode=settings.mode)
+    except Exception as e:  # noqa: BLE001 - wandb raises many kinds (UsageError, CommError, timeouts)
+        message = " ".join(str(e).split()) or type(e).__name__
+        raise WandbStartError(f"{settings.mode_text()}: wandb could not start ({message}); "
+                              f"use --wandb disabled to run without it") from None
+
+
 def start(settings: WandbSettings, run_dir: str, config: Dict[str, Any]) -> Optional[WandbRun]:
     """Start (or, with the run dir's saved id, continue) the wandb run; None when disabled.
 
-    Raises WandbStartError when wandb cannot be imported or ``wandb.init`` fails.
+    Raises WandbStartError when wandb cannot be imported or ``wandb.init`` fails, except that a mode nobody
+    asked for (online, the default when an API key is configured) falls back to offline with a warning.
     """
     if settings.mode == "disabled":
         return None
     wandb = _import_wandb(settings)
     state = read_state(run_dir) or {"id": new_run_id(), "last_round": 0}
     try:
-        run = wandb.init(project=settings.project, entity=settings.entity, group=settings.group,
-                         tags=list(settings.tags), job_type=settings.job_type, name=settings.name, id=state["id"],
-                         resume="allow", config=config, dir=run_dir, mode=settings.mode)
-    except Exception as e:  # noqa: BLE001 - wandb raises many kinds (UsageError, CommError, timeouts)
-        message = " ".join(str(e).split()) or type(e).__name__
-        raise WandbStartError(f"{settings.mode_text()}: wandb could not start ({message}); "
-                              f"use --wandb disabled to run without it") from None
+        run = _init(wandb, settings, run_dir, config, state["id"])
+    except WandbStartError as e:
+        if settings.mode_source != "default" or settings.mode != "online":
+            raise
+        logger.warning("%s; logging offline instead (upload later with wandb sync)", e)
+        run = _init(wandb, dataclasses.replace(settings, mode="offline"), run_dir, config, state["id"])
     write_state(run_dir, state)
     return WandbRun(run, run_dir, state)

@@ -85,6 +85,27 @@ def test_each_round_is_logged_once_and_remembered(tmp_path):
     assert run.run.calls == ["preempting", ("finish", 75)]
 
 
+def test_only_a_default_online_mode_falls_back_to_offline(monkeypatch, tmp_path):
+    import types
+
+    import wandb_logging
+
+    modes = []
+
+    def init(**kwargs):
+        modes.append(kwargs["mode"])
+        if kwargs["mode"] == "online":
+            raise RuntimeError("no network")
+        return FakeRun()
+
+    monkeypatch.setattr(wandb_logging, "_import_wandb", lambda settings: types.SimpleNamespace(init=init))
+    run = wandb_logging.start(settings({"WANDB_API_KEY": "k"}), str(tmp_path), {})
+    assert modes == ["online", "offline"] and isinstance(run.run, FakeRun)
+    assert read_state(str(tmp_path))["id"] == run.run_id
+    with pytest.raises(WandbStartError, match="^--wandb online: wandb could not start"):
+        wandb_logging.start(settings({}, mode="online"), str(tmp_path), {})
+
+
 def test_peers_and_the_config_never_import_wandb():
     code = "import sys, mar_fl, config_setup, wandb_logging; assert 'wandb' not in sys.modules, 'wandb imported'"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
