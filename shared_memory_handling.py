@@ -17,6 +17,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Set
 
+import psutil
+
 logger = logging.getLogger("mar_fl.shm")
 
 SHM_DIR = "/dev/shm"
@@ -39,15 +41,18 @@ def shm_usage(path: str = SHM_DIR) -> ShmUsage:
 
 
 def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
 
 
 def open_shm_paths(pid: int, shm_dir: str = SHM_DIR) -> Set[str]:
-    """Segments in ``shm_dir`` that process ``pid`` has open (fd) or mapped (mmap); empty if we may not look."""
+    """Segments in ``shm_dir`` that process ``pid`` has open (fd) or mapped (mmap); empty if we may not look.
+
+    Read from /proc directly: psutil's ``open_files`` skips unlinked files and its ``memory_maps`` parses the
+    much larger ``smaps`` of every process on every sample."""
     prefix = shm_dir.rstrip("/") + "/"
     paths: Set[str] = set()
     try:
@@ -71,25 +76,12 @@ def open_shm_paths(pid: int, shm_dir: str = SHM_DIR) -> Set[str]:
     return paths
 
 
-def _all_pids() -> Iterable[int]:
-    return (int(entry) for entry in os.listdir("/proc") if entry.isdigit())
-
-
 def descendant_pids(root: int) -> Set[int]:
-    """Every live process below ``root`` (peers, the forkserver, p2pd daemons), read from /proc."""
-    parents: Dict[int, int] = {}
-    for pid in _all_pids():
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parents[pid] = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    found: Set[int] = set()
-    frontier = {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
+    """Every process below ``root`` (peers, the forkserver, p2pd daemons); empty once ``root`` is gone."""
+    try:
+        return {child.pid for child in psutil.Process(root).children(recursive=True)}
+    except psutil.Error:
+        return set()
 
 
 @dataclass
@@ -125,7 +117,7 @@ class ShmWatchdog:
 
     def _in_use(self) -> Set[str]:
         used: Set[str] = set()
-        for pid in _all_pids():
+        for pid in psutil.pids():
             if pid_alive(pid):
                 used |= open_shm_paths(pid, self.shm_dir)
         return used

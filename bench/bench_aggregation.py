@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 import multiprocessing as mp
 import os
 import statistics
@@ -34,6 +33,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
+
+import psutil
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # hivemind's torch.jit use at import
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,24 +62,20 @@ def global_mean(num_peers: int, round_index: int):
 
 
 def pss_kb(pid: int) -> int:
+    """Proportional set size of a process in KiB (0 when it is gone or not ours to look at)."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+        return psutil.Process(pid).memory_full_info().pss // 1024
+    except (psutil.Error, AttributeError):
+        return 0
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc (works for our p2pd child as well)."""
+    """User + system CPU seconds of a process (works for our p2pd child as well)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return 0.0
+    return times.user + times.system
 
 
 def learn_addresses(net, expected: int, timeout: float = 120.0) -> int:
@@ -122,7 +120,8 @@ def worker(index: int, args: dict, maddrs, results) -> None:
             err = max((a - b).abs().max().item() for a, b in zip(tensors, mean)) if mean else None
             release_freed_memory()
             rows.append({"seconds": seconds, "sent": report.bytes_sent, "received": report.bytes_received,
-                         "err": err, "failed_steps": report.failed_steps, "payload": sum(t.numel() * t.element_size() for t in tensors)})
+                         "err": err, "failed_steps": report.failed_steps,
+                         "payload": sum(t.numel() * t.element_size() for t in tensors)})
         barrier(net, "bench.end", me=index, expected=range(n), timeout=120)
         memory_kb = pss_kb(os.getpid()) + (pss_kb(net.p2pd_pid) if net.p2pd_pid else 0)
         results.put({"index": index, "rows": rows, "memory_kb": memory_kb, "cpu": cpu})

@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+import psutil
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -31,9 +33,10 @@ def peer_pids(launcher_pid: int):
     parents = set()
     for pid in descendant_pids(launcher_pid):
         try:
-            if open(f"/proc/{pid}/comm").read().strip() == "p2pd":
-                parents.add(int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]))
-        except OSError:
+            process = psutil.Process(pid)
+            if process.name() == "p2pd":
+                parents.add(process.ppid())
+        except psutil.Error:
             continue
     return sorted(parents - {launcher_pid})
 
@@ -98,7 +101,8 @@ def main() -> None:
                   f"(aggregation {ph['median_aggregation_seconds']:5.2f} s), timed-out steps {ph['timed_out_steps']}, "
                   f"failed steps {ph['failed_steps']}")
     if result["before"] and result["after"]:
-        print(f"  after / before: {result['after']['median_round_seconds'] / result['before']['median_round_seconds']:.2f}")
+        ratio = result["after"]["median_round_seconds"] / result["before"]["median_round_seconds"]
+        print(f"  after / before: {ratio:.2f}")
 
 
 if __name__ == "__main__":

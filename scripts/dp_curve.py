@@ -62,7 +62,8 @@ def load_run(run_dir: str, at_round: Optional[int] = None) -> DpRun:
 
 
 def table(runs: Sequence[DpRun]) -> str:
-    head = "| z | rounds | status | final acc % | best acc % | ε central | ε group-mate | noise |\n|---|---|---|---|---|---|---|---|"
+    head = ("| z | rounds | status | final acc % | best acc % | ε central | ε group-mate | noise |\n"
+            "|---|---|---|---|---|---|---|---|")
     fmt = lambda x, spec: "—" if x is None else format(x, spec)  # noqa: E731
     return "\n".join([head] + [
         f"| {r.noise_multiplier:g} | {r.rounds} | {r.status} | {fmt(r.final_accuracy, '.2f')} | "

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import warnings
 
+import psutil
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,10 +19,10 @@ DATA_DIR = os.environ.get("MARFL_DATA_DIR", os.path.join(ROOT, "..", "shared", "
 
 
 def _ours(pid: int) -> bool:
+    key, value = TEST_MARKER.split("=", 1)
     try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return TEST_MARKER.encode() + b"\0" in f.read()
-    except OSError:
+        return psutil.Process(pid).environ().get(key) == value
+    except psutil.Error:
         return False
 
 

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+import psutil
+
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
 
 
@@ -152,20 +154,16 @@ class SlurmCluster:
 
     def _leftover_pids(self):
         """Processes that belong to this cluster's jobs: their command line or environment names our files."""
-        marker = self.root.encode()
         found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
+        for process in psutil.process_iter():
+            if process.pid == os.getpid():
                 continue
             try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read()
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    environ = f.read()
-            except OSError:
+                cmdline, environ = "\0".join(process.cmdline()), process.environ()
+            except psutil.Error:
                 continue
-            if marker in cmdline or b"SLURM_CONF=" + self.conf.encode() + b"\0" in environ:
-                found.append(int(entry))
+            if self.root in cmdline or environ.get("SLURM_CONF") == self.conf:
+                found.append(process.pid)
         return found
 
     def stop(self) -> None:

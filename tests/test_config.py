@@ -112,3 +112,50 @@ def test_ipv4_hosts_and_concrete_announce_addresses_are_accepted():
     assert (cfg.host, cfg.announce_host) == ("0.0.0.0", "10.1.2.3")
     assert parse_config(["-sd", str(2**63 - 1), "--wandb", "disabled"]).seed == 2**63 - 1
     assert parse_config(["--np", "4", "--up", "25", "--wandb", "disabled"]).update_percent == 25
+
+
+def test_help_shows_each_default_once():
+    from config_setup import build_parser
+
+    parser = build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        text = formatter._expand_help(action) if action.help else ""
+        assert text.count("(default") <= 1, text
+    assert "(default: 42)" in parser.format_help()  # a default the help text does not mention is still shown
+
+
+def test_log_level_flag():
+    assert parse_config(["--wandb", "disabled"]).log_level == "INFO"
+    assert parse_config(["--log-level", "debug", "--wandb", "disabled"]).log_level == "DEBUG"
+    with pytest.raises(ConfigError, match="--log-level"):
+        parse_config(["--log-level", "chatty"])
+
+
+def test_main_restores_the_signal_handlers_it_installs(monkeypatch, tmp_path):
+    import signal
+
+    import mar_fl
+
+    class FakeLauncher:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self):
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, mine)  # main's own handler, meanwhile
+            return 0
+
+        shutdown = finish_wandb = lambda self, *args: None
+        write_summary = lambda self, status: {}  # noqa: E731
+
+    mine = lambda signum, frame: None  # noqa: E731
+    before = {s: signal.signal(s, mine) for s in mar_fl.HANDLED_SIGNALS}
+    try:
+        cfg = parse_config(["--wandb", "disabled", "--run-dir", str(tmp_path)])
+        monkeypatch.setattr(mar_fl, "_pre_start", lambda argv: (cfg, str(tmp_path), {}, False, 0, None))
+        monkeypatch.setattr(mar_fl, "Launcher", FakeLauncher)
+        assert mar_fl.main([]) == 0
+        assert all(signal.getsignal(s) is mine for s in mar_fl.HANDLED_SIGNALS)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ml_tasks import BatchOrder, dirichlet_partition, iid_partition, load_mnist, eval_slice
+from ml_tasks import BatchOrder, dirichlet_partition, eval_slice, iid_partition, load_mnist
 from peer_synchronization import aggregation_participants, update_participants
 
 

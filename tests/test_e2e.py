@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from conftest import ROOT, alive, descendants
@@ -176,7 +177,7 @@ def test_run_whose_averaging_fails_ends_degraded(tmp_path, data_dir, no_new_p2pd
     proc = launch(run_dir, data_dir, "--matchmaking-timeout", "5", "--allreduce-timeout", "5", "--tf", "1",
                   rounds=4)
     wait_for_first_round(run_dir)
-    daemons = [pid for pid in descendants(proc.pid) if open(f"/proc/{pid}/comm").read().strip() == "p2pd"]
+    daemons = [pid for pid in descendants(proc.pid) if psutil.Process(pid).name() == "p2pd"]
     victim = max(daemons)  # a peer's daemon (the launcher's own one starts first)
     os.kill(victim, signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
@@ -194,11 +195,10 @@ def _peer_pids(launcher_pid):
     parents = set()
     for pid in family:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if open(f"/proc/{pid}/comm").read().strip() == "p2pd":
-                parents.add(int(fields[1]))
-        except OSError:
+            process = psutil.Process(pid)
+            if process.name() == "p2pd":
+                parents.add(process.ppid())
+        except psutil.Error:
             continue
     return sorted(parents - {launcher_pid})
 

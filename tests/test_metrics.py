@@ -1,8 +1,8 @@
 """Launcher-side metric pooling (pure, no processes)."""
 import json
 
-from mar_fl import MetricsCollector, should_test, status_line, summarize_round
 from config_setup import RunConfig
+from mar_fl import MetricsCollector, should_test, status_line, summarize_round
 
 
 def record(peer, rnd, **extra):

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import netns
-from conftest import ROOT
 from config_setup import split_peer_range
+from conftest import ROOT
 from slurm_cluster import SlurmCluster, missing_binaries
 
 NP, ROUNDS = 8, 4

@@ -97,6 +97,7 @@ def test_strangers_get_no_model_and_cannot_join_an_exchange(closed_run):
 
     async def register():
         from hivemind.compression import serialize_torch_tensor
+
         from moshpit_all_reduce import _Traffic
 
         chunks.append(serialize_torch_tensor(secret_model))
