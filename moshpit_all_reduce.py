@@ -257,6 +257,18 @@ class CountingRunner(AllReduceRunner):
             raise AveragingError(f"reducer {peer_index} returned an invalid part {part_index}: {problem}")
         self._register_unchecked(peer_index, part_index, part)
 
+    async def _communicate_with_peer(self, peer_id):
+        if peer_id != self.peer_id:
+            return await super()._communicate_with_peer(peer_id)
+        try:
+            await super()._communicate_with_peer(peer_id)
+        except BannedException as e:
+            # our own part failed the checks (e.g. a diverged model's non-finite values): leave it out of the shard
+            # we reduce, so that group-mates still get their average without waiting for us, and keep our values
+            logger.warning("own values left out of the exchange: %s", e)
+            await self._ban_sender(self.peer_id)
+            self.tensor_part_container.register_failed_reducer(self.ordered_peer_ids.index(self.peer_id))
+
     def _check_served(self) -> None:
         if not self._to_serve - self.banned_senders:
             self.all_served.set()
@@ -683,7 +695,7 @@ class MoshpitAverager:
             index = next((m.index for m in members if m.peer_id == peer_id.to_bytes()), None)
             logger.warning("group %s: rejected data from peer %s: %s", key, index, why)
             banned.add(peer_id.to_bytes())
-        lost = tuple(m.index for m in members if m.peer_id in banned)
+        lost = tuple(m.index for m in members if m.peer_id in banned and m.index != self.options.index)
         if failed:
             logger.warning("group %s: %d values kept local after a reducer failed", key, failed)
         return lost, failed

@@ -48,7 +48,7 @@ def initial_tensors(index: int):
     return [torch.randn(200_000, generator=g), torch.randn(37, 11, generator=g)]
 
 
-EVIL_MODES = {"nan", "shape", "dtype", "weight", "delta"}
+EVIL_MODES = {"nan", "shape", "dtype", "weight", "delta", "diverged"}
 
 
 def evil_runner(mode: str):
@@ -108,7 +108,7 @@ def main() -> None:
                                                         compression=args.compression,
                                                         matchmaking_timeout=args.matchmaking_timeout,
                                                         allreduce_timeout=args.allreduce_timeout))
-        if args.evil:
+        if args.evil and args.evil != "diverged":
             averager._runner_cls = evil_runner(args.evil)
         if args.die_in_step is not None:
             original = averager._allreduce
@@ -122,11 +122,14 @@ def main() -> None:
         alive = [int(i) for i in args.alive.split(",")]
         barrier(net, "enginetest.start", me=args.index, expected=alive, timeout=180)
         tensors = initial_tensors(args.index)
+        if args.evil == "diverged":  # an honest runner whose own model has gone non-finite
+            tensors = [torch.full_like(t, float("nan")) for t in tensors]
         report = moshpit_all_reduce(averager, tensors, participants=range(args.np), round_index=0,
                                     schedule=MarSchedule(args.gs, args.ni, args.ni))
         torch.save(tensors, args.out)
         with open(args.out + ".json", "w") as f:
-            json.dump({"members": [s.members for s in report.steps], "sent": report.bytes_sent}, f)
+            json.dump({"members": [s.members for s in report.steps], "sent": report.bytes_sent,
+                       "failed_steps": report.failed_steps}, f)
         barrier(net, "enginetest.end", me=args.index, expected=alive, timeout=15)
     finally:
         net.shutdown()

@@ -1,4 +1,6 @@
 """Bad group-mates and strangers: one bad peer never takes an honest one down, and a run is closed to outsiders."""
+import json
+
 import pytest
 import torch
 
@@ -45,6 +47,20 @@ def test_a_bad_groupmate_never_breaks_the_honest_peers(tmp_path, bootstrap, mode
                 for c in candidates:
                     close |= (got - c).abs() < 1e-5
                 assert bool(close.all())
+
+
+def test_a_diverged_groupmate_neither_stalls_nor_poisons_the_others(tmp_path, bootstrap):
+    """Peer 2's own model is non-finite: its reducer leaves its own part out, so the honest peers get the exact mean
+    of the honest values from every reducer, with no failed step and no reducer timeout."""
+    codes = run_group(tmp_path, bootstrap, evil_mode="diverged")
+    assert codes == {0: 0, 1: 0, 2: 0}, codes
+    for i in (0, 1):
+        report = json.loads((tmp_path / f"peer{i}.pt.json").read_text())
+        assert report["members"] == [[0, 1, 2]] and report["failed_steps"] == 0, report
+        for k, got in enumerate(torch.load(tmp_path / f"peer{i}.pt")):
+            want = (initial_tensors(0)[k] + initial_tensors(1)[k]) / 2
+            assert (got - want).abs().max().item() < 1e-5
+    assert json.loads((tmp_path / "peer2.pt.json").read_text())["failed_steps"] == 1  # it kept its own values
 
 
 @pytest.fixture
