@@ -883,16 +883,71 @@ def failed_step_share(history: Sequence[Dict[str, Any]]) -> Tuple[int, int]:
     return (sum(r.get("failed_steps", 0) for r in history), sum(r.get("mar_steps", 0) for r in history))
 
 
+@dataclass(frozen=True)
+class StopDecision:
+    reason: str
+    diverged: bool = False  # the run ends, but not as asked: reported as status "diverged"
+
+
+@dataclass
+class StopPolicy:
+    """When a run ends early, decided row by row from the pooled metrics (a small pure object; the launcher
+    only publishes what it decides). Divergence comes first, then ``--target-acc``, then ``--patience``.
+
+    :param target_accuracy: stop once test accuracy reaches this percent (0: never)
+    :param patience: stop when the test loss has not improved by ``convergence_threshold`` for this many rounds
+        (0: never)
+    """
+
+    target_accuracy: float = 0.0
+    patience: int = 0
+    convergence_threshold: float = 0.0
+    best_loss: float = math.inf
+    best_loss_round: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> "StopPolicy":
+        return cls(target_accuracy=cfg.target_accuracy, patience=cfg.patience,
+                   convergence_threshold=cfg.convergence_threshold)
+
+    def observe(self, row: Dict[str, Any]) -> Optional[StopDecision]:
+        """Take the next round's row; returns why the run should stop, or None."""
+        improving = self._track_loss(row)
+        losses = [row.get(key) for key in ("train_loss", "test_loss") if row.get(key) is not None]
+        if any(not math.isfinite(loss) for loss in losses):  # e.g. DP noise too strong: nothing left to learn
+            return StopDecision("training diverged (non-finite loss)", diverged=True)
+        if self.target_accuracy > 0 and (row.get("test_accuracy") or 0) >= self.target_accuracy:
+            return StopDecision(f"target accuracy {self.target_accuracy:g}% reached")
+        if self.patience > 0 and not improving:
+            return StopDecision(f"test loss did not improve by {self.convergence_threshold:g} "
+                                f"in {self.patience} rounds")
+        return None
+
+    def _track_loss(self, row: Dict[str, Any]) -> bool:
+        """Update the best test loss; False once it has not improved for ``patience`` rounds."""
+        loss = row.get("test_loss")
+        if loss is not None and math.isfinite(loss) and loss < self.best_loss - self.convergence_threshold:
+            self.best_loss, self.best_loss_round = loss, row["round"]
+        return loss is None or self.patience <= 0 or row["round"] - self.best_loss_round < self.patience
+
+
+def _percent(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.2f}%"
+
+
 def run_outcome(*, peer_codes: Dict[int, Optional[int]], history: Optional[Sequence[Dict[str, Any]]],
-                max_failed_percent: float, preempted: bool) -> Tuple[str, int]:
+                max_failed_percent: float, preempted: bool, diverged: bool = False) -> Tuple[str, int]:
     """The run's status and exit code from what its peers and rows say (a pure decision).
 
-    ``failed``: no local peer finished; ``degraded``: it finished, but a peer died or more than
-    ``max_failed_percent`` of the MAR steps kept local values (``history`` None: not judged on this host).
+    ``failed``: no local peer finished; ``diverged``: training produced a non-finite loss and the run was
+    stopped; ``degraded``: it finished, but a peer died or more than ``max_failed_percent`` of the MAR steps kept
+    local values (``history`` None: not judged on this host). The last two exit with ``EXIT_DEGRADED``.
     """
     codes = list(peer_codes.values())
     if codes and all(c != 0 for c in codes):
         return "failed", EXIT_FAILED
+    if diverged:
+        return "diverged", EXIT_DEGRADED
     failed, total = failed_step_share(history or [])
     if any(c != 0 for c in codes) or (total and 100.0 * failed / total > max_failed_percent):
         return "degraded", EXIT_DEGRADED
@@ -922,7 +977,8 @@ class Launcher:
         self.history: List[Dict[str, Any]] = []
         self.failed_peers: Dict[int, int] = {}
         self.restarts: Dict[int, int] = {}
-        self.best_loss, self.best_loss_round = math.inf, 0
+        self.stop_policy = StopPolicy.from_config(cfg)
+        self.diverged = False
         self.started = time.time()
 
     def _start_network(self) -> List[str]:
@@ -1020,7 +1076,8 @@ class Launcher:
                                     warn_fraction=self.cfg.shm_warn_percent / 100,
                                     on_warning=lambda message: print(f"WARNING: {message}", flush=True)).start()
 
-    def run(self) -> int:
+    def run(self) -> Tuple[str, int]:
+        """Run this host's peers to the end; returns the run's status and exit code (``run_outcome``)."""
         os.makedirs(os.path.join(self.run_dir, "peers"), exist_ok=True)
         self._start_watchdog()
         initial_peers = self._start_network()
@@ -1045,7 +1102,8 @@ class Launcher:
         if self.failed_peers:
             logger.error("peers exited with errors: %s (see %s/logs)", self.failed_peers, self.run_dir)
         return run_outcome(peer_codes=codes, history=self.history if self.primary else None,
-                           max_failed_percent=self.cfg.max_failed_percent, preempted=self.preempted)[1]
+                           max_failed_percent=self.cfg.max_failed_percent, preempted=self.preempted,
+                           diverged=self.diverged)
 
     def _continue_history(self, collector: MetricsCollector) -> None:
         """On resume: metrics and stop rules continue from the checkpointed round, as if never cut."""
@@ -1055,7 +1113,7 @@ class Launcher:
         collector.next_round = collector.first_round = self.resume_round + 1
         collector.elapsed_offset = self.history[-1]["elapsed_seconds"] if self.history else 0.0
         for row in self.history:
-            self._track_loss(row)
+            self.stop_policy.observe(row)
 
     def _emit(self, rows, metrics_file, collector: MetricsCollector) -> None:
         for row in rows:
@@ -1075,22 +1133,10 @@ class Launcher:
             logger.warning("wandb log failed: %s", e)
 
     def _check_stop(self, row: Dict[str, Any], collector: MetricsCollector) -> None:
-        cfg = self.cfg
-        after = collector.newest_round + 2  # peers run at most a round or two apart
-        losses = [row[key] for key in ("train_loss", "test_loss") if row[key] is not None]
-        if any(not math.isfinite(loss) for loss in losses):  # e.g. DP noise too strong: nothing left to learn
-            self.publish_stop("training diverged (non-finite loss)", after)
-        if cfg.target_accuracy > 0 and (row["test_accuracy"] or 0) >= cfg.target_accuracy:
-            self.publish_stop(f"target accuracy {cfg.target_accuracy:g}% reached", after)
-        if cfg.patience > 0 and not self._track_loss(row):
-            self.publish_stop(f"test loss did not improve by {cfg.convergence_threshold:g} "
-                              f"in {cfg.patience} rounds", after)
-
-    def _track_loss(self, row: Dict[str, Any]) -> bool:
-        """Update the best test loss; False once it has not improved for ``--patience`` rounds."""
-        if row["test_loss"] is not None and row["test_loss"] < self.best_loss - self.cfg.convergence_threshold:
-            self.best_loss, self.best_loss_round = row["test_loss"], row["round"]
-        return row["test_loss"] is None or row["round"] - self.best_loss_round < self.cfg.patience
+        decision = self.stop_policy.observe(row)
+        if decision is not None:
+            self.diverged = self.diverged or (decision.diverged and self.stop_reason is None)
+            self.publish_stop(decision.reason, collector.newest_round + 2)  # peers run at most a round or two apart
 
     def _check_runtime(self) -> None:
         if time.time() - self.started > self.cfg.max_runtime_hours * 3600:
@@ -1444,8 +1490,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     status, code = "completed", EXIT_FAILED
     try:
         print(f"MAR-FL run dir: {run_dir}", flush=True)
-        code = launcher.run()
-        status = {0: "completed", EXIT_PREEMPTED: "preempted", EXIT_DEGRADED: "degraded"}.get(code, "failed")
+        status, code = launcher.run()
     except PeerStopped:
         status, code = "interrupted", EXIT_INTERRUPTED
         print("interrupted: stopping all peers", file=sys.stderr, flush=True)
@@ -1458,8 +1503,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         launcher.shutdown()
         if primary:
             summary = launcher.write_summary(status)
-            print(f"done ({status}): best {summary['best_test_accuracy']}, final {summary['final_test_accuracy']}, "
-                  f"{summary['rounds']} rounds, {summary['wall_seconds']:.0f} s", flush=True)
+            best, final = (_percent(summary[k]) for k in ("best_test_accuracy", "final_test_accuracy"))
+            why = f" ({summary['stop_reason']})" if summary["stop_reason"] else ""
+            print(f"done ({status}): best test accuracy {best}, final {final}, {summary['rounds']} rounds, "
+                  f"{summary['wall_seconds']:.0f} s{why}", flush=True)
             if summary["failed_steps"] or summary["failed_peers"]:
                 print(f"averaging: {summary['failed_steps']} of {summary['mar_steps']} MAR steps failed (values kept "
                       f"local); peers that died: {summary['failed_peers'] or 'none'} (see {run_dir}/logs)", flush=True)

@@ -69,19 +69,55 @@ def test_should_test_and_status_line():
 
 
 def test_a_non_finite_loss_stops_the_run():
-    import math
-
     import mar_fl
     from config_setup import parse_config
 
     launcher = mar_fl.Launcher.__new__(mar_fl.Launcher)
     launcher.cfg = parse_config(["--np", "4"])
-    launcher.best_loss, launcher.best_loss_round = math.inf, 0
+    launcher.stop_policy, launcher.diverged, launcher.stop_reason = mar_fl.StopPolicy.from_config(launcher.cfg), False, None
     stops = []
     launcher.publish_stop = lambda reason, after, **kw: stops.append((reason, after))
     collector = mar_fl.MetricsCollector(run_dir="unused", num_peers=4)
     collector.newest_round = 7
     launcher._check_stop({"round": 6, "train_loss": 0.5, "test_loss": None, "test_accuracy": None}, collector)
-    assert stops == []
+    assert stops == [] and not launcher.diverged
     launcher._check_stop({"round": 7, "train_loss": float("nan"), "test_loss": None, "test_accuracy": None}, collector)
-    assert stops and "diverged" in stops[0][0] and stops[0][1] == 9
+    assert stops and "diverged" in stops[0][0] and stops[0][1] == 9 and launcher.diverged
+
+
+def row(r, *, acc=None, loss=None, train=0.5):
+    return {"round": r, "train_loss": train, "test_loss": loss, "test_accuracy": acc}
+
+
+def test_stop_policy_target_patience_and_divergence():
+    from mar_fl import StopPolicy
+
+    assert StopPolicy().observe(row(1, acc=99.0, loss=0.01)) is None  # no rule set: never stops
+    target = StopPolicy(target_accuracy=90.0)
+    assert target.observe(row(1, acc=89.9)) is None
+    assert "target accuracy 90% reached" in target.observe(row(2, acc=90.0)).reason
+    patient = StopPolicy(patience=3, convergence_threshold=0.1)
+    decisions = [patient.observe(row(r, loss=loss)) for r, loss in enumerate([1.0, 0.95, None, 0.92], 1)]
+    assert decisions[:3] == [None, None, None]  # 0.95 is not 0.1 better than 1.0; an untested round waits
+    assert decisions[3] is not None and "did not improve by 0.1 in 3" in decisions[3].reason  # round 4 = 1 + 3
+    again = StopPolicy(patience=3, convergence_threshold=0.1)
+    assert [again.observe(row(r, loss=loss)) for r, loss in enumerate([1.0, 0.95, 0.85, 0.84], 1)] == [None] * 4
+    diverging = StopPolicy(target_accuracy=10.0)
+    decision = diverging.observe(row(4, acc=50.0, loss=float("inf")))
+    assert decision.diverged and "non-finite" in decision.reason  # divergence wins over a met target
+
+
+def test_run_outcome_says_how_a_run_ended():
+    from mar_fl import EXIT_DEGRADED, EXIT_FAILED, EXIT_PREEMPTED, run_outcome
+
+    ok = {0: 0, 1: 0}
+    rows = [{"mar_steps": 100, "failed_steps": 5}]
+    assert run_outcome(peer_codes=ok, history=rows, max_failed_percent=5, preempted=False) == ("completed", 0)
+    assert run_outcome(peer_codes=ok, history=[{"mar_steps": 100, "failed_steps": 6}], max_failed_percent=5,
+                       preempted=False) == ("degraded", EXIT_DEGRADED)
+    assert run_outcome(peer_codes={0: 0, 1: 1}, history=rows, max_failed_percent=5,
+                       preempted=False) == ("degraded", EXIT_DEGRADED)
+    assert run_outcome(peer_codes=ok, history=rows, max_failed_percent=5, preempted=False,
+                       diverged=True) == ("diverged", EXIT_DEGRADED)
+    assert run_outcome(peer_codes={0: 1}, history=rows, max_failed_percent=5, preempted=False) == ("failed", EXIT_FAILED)
+    assert run_outcome(peer_codes=ok, history=rows, max_failed_percent=5, preempted=True) == ("preempted", EXIT_PREEMPTED)
