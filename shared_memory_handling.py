@@ -84,6 +84,19 @@ def descendant_pids(root: int) -> Set[int]:
         return set()
 
 
+def peer_pids(launcher_pid: int) -> List[int]:
+    """A launcher's peer processes: its descendants that have a ``p2pd`` child (the launcher's own is direct)."""
+    parents = set()
+    for pid in descendant_pids(launcher_pid):
+        try:
+            process = psutil.Process(pid)
+            if process.name() == "p2pd":
+                parents.add(process.ppid())
+        except psutil.Error:
+            continue
+    return sorted(parents - {launcher_pid})
+
+
 @dataclass
 class ShmWatchdog:
     """Samples ``/dev/shm`` every ``interval`` seconds on a daemon thread (see the module docstring).

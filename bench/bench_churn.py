@@ -20,25 +20,10 @@ import sys
 import tempfile
 import time
 
-import psutil
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-
-def peer_pids(launcher_pid: int):
-    """Peer processes of a launcher: descendants that have a p2pd child (the launcher's own p2pd is direct)."""
-    from shared_memory_handling import descendant_pids
-
-    parents = set()
-    for pid in descendant_pids(launcher_pid):
-        try:
-            process = psutil.Process(pid)
-            if process.name() == "p2pd":
-                parents.add(process.ppid())
-        except psutil.Error:
-            continue
-    return sorted(parents - {launcher_pid})
+from shared_memory_handling import peer_pids  # noqa: E402 - after the sys.path line
 
 
 def read_rows(path: str):

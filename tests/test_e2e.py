@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, alive, descendants
+from shared_memory_handling import peer_pids
 
 TIMING = {"round_seconds", "train_seconds", "aggregation_seconds", "elapsed_seconds"}
 ROUND_KEYS = {"round", "train_loss", "test_accuracy", "test_loss", "participating_peers", "bytes_sent_per_peer",
@@ -189,20 +190,6 @@ def test_run_whose_averaging_fails_ends_degraded(tmp_path, data_dir, no_new_p2pd
     assert "FAILED steps" in out and "done (degraded)" in out
 
 
-def _peer_pids(launcher_pid):
-    """Peer processes of a launcher: the descendants that have a p2pd child (the launcher's own is direct)."""
-    family = descendants(launcher_pid)
-    parents = set()
-    for pid in family:
-        try:
-            process = psutil.Process(pid)
-            if process.name() == "p2pd":
-                parents.add(process.ppid())
-        except psutil.Error:
-            continue
-    return sorted(parents - {launcher_pid})
-
-
 def test_survivors_stop_waiting_for_dead_peers(tmp_path, data_dir, no_new_p2pd):
     """SIGKILL a quarter of 8 peers: every round is still reported, survivors stop waiting for the dead within
     two rounds (no matchmaking runs into its deadline any more), accuracy keeps rising, and the run says it
@@ -215,7 +202,7 @@ def test_survivors_stop_waiting_for_dead_peers(tmp_path, data_dir, no_new_p2pd):
     deadline = time.time() + 400
     while time.time() < deadline and len(read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []) < 2:
         time.sleep(0.5)
-    victims = _peer_pids(proc.pid)[-2:]
+    victims = peer_pids(proc.pid)[-2:]
     assert len(victims) == 2
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
@@ -240,7 +227,7 @@ def test_a_killed_peer_is_restarted_and_rejoins_with_the_live_model(tmp_path, da
     deadline = time.time() + 400
     while time.time() < deadline and len(read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []) < 2:
         time.sleep(0.5)
-    victim = _peer_pids(proc.pid)[-1]
+    victim = peer_pids(proc.pid)[-1]
     os.kill(victim, signal.SIGKILL)
     out, err = proc.communicate(timeout=900)
     rows = read_metrics(run_dir)
