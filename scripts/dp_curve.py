@@ -71,7 +71,7 @@ def table(runs: Sequence[DpRun]) -> str:
         for r in runs])
 
 
-def plot(runs: Sequence[DpRun], out: str) -> None:
+def plot(runs: Sequence[DpRun], out: str, at_round: Optional[int] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,7 +88,8 @@ def plot(runs: Sequence[DpRun], out: str) -> None:
             ax.annotate(f"z={r.noise_multiplier:g}" + ("" if r.noise == "os-entropy" else " (NOT PRIVATE)"),
                         (x, r.final_accuracy), textcoords="offset points", xytext=(5, -12))
         ax.set_xscale("log")
-        ax.set_xlabel(f"ε after the last round ({title})")
+        when = "after the last round" if at_round is None else f"at round {at_round}"
+        ax.set_xlabel(f"ε {when} ({title})")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
@@ -106,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     runs = sorted((load_run(d, args.at_round) for d in args.run_dirs), key=lambda r: r.noise_multiplier)
     print(table(runs))
-    plot(runs, args.out)
+    plot(runs, args.out, args.at_round)
     print(f"wrote {args.out}")
     return 0
 
