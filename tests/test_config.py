@@ -143,7 +143,7 @@ def test_main_restores_the_signal_handlers_it_installs(monkeypatch, tmp_path):
 
         def run(self):
             assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, mine)  # main's own handler, meanwhile
-            return 0
+            return "completed", 0
 
         shutdown = finish_wandb = lambda self, *args: None
         write_summary = lambda self, status: {}  # noqa: E731
