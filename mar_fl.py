@@ -22,7 +22,15 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+if TYPE_CHECKING:  # annotations only: peers import torch and hivemind lazily, the launcher never
+    import numpy as np
+    import torch
+
+    from ml_tasks import ArrayDataset, Task
+    from moshpit_all_reduce import MarSchedule, MoshpitAverager
+    from peer_aggregation_logic import Aggregator
 
 from config_setup import WANDB_MODES, ConfigError, RunConfig, check_paths, config_from_json, parse_config, save_config
 
@@ -91,20 +99,31 @@ class PeerState:
     preempted: bool = False  # the stop is a cut (time limit, Slurm's warning signal): the run will resume
 
 
-@dataclass
+@dataclass(frozen=True)
 class PeerRuntime:
-    """What a peer's rounds run with: the task and its data, the averager and the aggregation pipeline."""
+    """What a peer's rounds run with: the task and its data, the averager and the aggregation pipeline.
 
-    task: Any
+    :param task: the ML task (model, batches, training and evaluation)
+    :param prepared: what the launcher prepared for the task once per host (JSON-able)
+    :param train: this peer's view of the training set (its partition is drawn from it)
+    :param test: the test set; ``test_idx`` is this peer's disjoint slice of it
+    :param num_batches: mini-batches per round for a training peer
+    :param averager: this peer's MAR engine (group formation + all-reduce over its network)
+    :param aggregator: the aggregation pipeline (MAR averaging, optionally KD and DP around it)
+    :param schedule: group size, key dimension and MAR steps per round
+    :param device: where the model lives
+    """
+
+    task: "Task"
     prepared: Dict[str, Any]
-    train: Any
-    test: Any
-    test_idx: Any
+    train: "ArrayDataset"
+    test: "ArrayDataset"
+    test_idx: "np.ndarray"
     num_batches: int
-    averager: Any
-    aggregator: Any
-    schedule: Any
-    device: Any
+    averager: "MoshpitAverager"
+    aggregator: "Aggregator"
+    schedule: "MarSchedule"
+    device: "torch.device"
 
 
 def _pin_peer(cfg: RunConfig, index: int) -> str:

@@ -50,11 +50,24 @@ class AggregationResult:
 
 
 class Aggregator(Protocol):
-    def aggregate(self, ctx: AggregationContext) -> AggregationResult: ...
+    """One stage of a peer's aggregation pipeline (``MarAveraging``, ``KnowledgeDistillation(inner)``,
+    ``DifferentialPrivacy(inner)``): called once per round by every aggregating peer, with no coordinator."""
 
-    def state_dict(self) -> Dict[str, Any]: ...  # what a checkpoint must keep across rounds
+    def aggregate(self, ctx: AggregationContext) -> AggregationResult:
+        """Aggregate this round's model in place.
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None: ...
+        :param ctx: the round's model, momentum, extra tensors, averager, schedule and participants
+        :returns: the MAR report (steps, bytes, failures) and per-round metrics to log
+        """
+        ...
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What a checkpoint must keep across rounds (e.g. DP's clip threshold and smoothed delta)."""
+        ...
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned, on resume or rejoin."""
+        ...
 
 
 class MarAveraging:
