@@ -105,6 +105,7 @@ class RunConfig:
     # checkpoints and cluster housekeeping
     ckpt_every: int = 10  # rounds between checkpoints (0: only when the run stops)
     resume: bool = False  # this launch continues RUN_DIR from its last common checkpoint
+    rejoin: bool = False  # with resume: this launcher restarts some peers of a run that is still going
     shm_warn_percent: float = 80.0
     # 20 Newsgroups
     news_raw: bool = False
@@ -124,7 +125,7 @@ class RunConfig:
 
     def primary(self) -> bool:
         """This launcher runs peer 0: it writes config.json and the bootstrap file, and collects the metrics."""
-        return self.local_peers().start == 0
+        return self.local_peers().start == 0 and not self.rejoin
 
 
 # ==================== parser ====================
@@ -271,6 +272,10 @@ def _flags_checkpoints_and_clusters(p: argparse.ArgumentParser, d: RunConfig) ->
                    help="checkpoint every peer's whole state every N rounds (0: only when the run stops)")
     g.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue RUN_DIR from the last round every peer checkpointed (its config.json applies)")
+    g.add_argument("--rejoin", action="store_true",
+                   help="with --resume RUN_DIR --peer-range A-B: restart these peers of a run that is still going "
+                        "(after they died), each from its newest intact checkpoint; they fetch the current model "
+                        "from a live peer and rejoin")
     g.add_argument("--shm-warn", dest="shm_warn_percent", type=float, default=d.shm_warn_percent,
                    help="warn when /dev/shm is this percent full")
     g.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=d.log_level,
@@ -367,6 +372,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(0 < seconds <= MAX_TIMEOUT_S, f"{flag} must be in (0, {MAX_TIMEOUT_S}] seconds, got {seconds:g}")
     _check(not (cfg.restart_dead and cfg.dp), "--restart-dead does not support --dp yet (a rejoining peer "
            "would need the DP state of the run)")
+    _check(not cfg.rejoin or (cfg.resume and cfg.peer_range is not None),
+           "--rejoin restarts peers of a running run: give --resume RUN_DIR and --peer-range A-B")
+    _check(not (cfg.rejoin and cfg.dp), "--rejoin does not support --dp yet (a rejoining peer would need the DP "
+           "state of the run)")
     _check(0 <= cfg.max_failed_percent <= 100,
            f"--max-failed-steps must be in [0, 100], got {cfg.max_failed_percent:g}")
     _check(cfg.kd_dataset_passes >= 1, f"--ds must be at least 1, got {cfg.kd_dataset_passes}")
@@ -501,7 +510,7 @@ RESUMABLE = {"rounds", "max_runtime_hours", "wandb_mode", "wandb_project", "wand
              "wandb_tags", "wandb_job_type", "log_level", "initial_peers",
              "peer_range", "host", "announce_host", "nat_port_map", "startup_timeout", "ckpt_every",
              "shm_warn_percent", "data_dir", "matchmaking_timeout", "allreduce_timeout", "peers_per_core",
-             "max_failed_percent", "restart_dead"}
+             "max_failed_percent", "restart_dead", "rejoin"}
 
 
 def _resume_config(args: argparse.Namespace, given: Set[str], env: Optional[Dict[str, str]]) -> RunConfig:
@@ -519,8 +528,10 @@ def _resume_config(args: argparse.Namespace, given: Set[str], env: Optional[Dict
             raise ConfigError(f"{flag_names()[key]} cannot change when resuming: {args.resume}/config.json fixes "
                               f"{key} = {_short(getattr(saved, key))}, got {_short(values[key])}")
         changes[key] = values[key]
-    cfg = dataclasses.replace(saved, **changes, run_dir=args.resume, resume=True,
-                              peer_range=changes.get("peer_range"), initial_peers=changes.get("initial_peers"))
+    # where this launcher runs is never taken from the saved file (it holds none): only from this command line
+    cfg = dataclasses.replace(saved, **{**changes, "run_dir": args.resume, "resume": True,
+                                        "peer_range": changes.get("peer_range"),
+                                        "initial_peers": changes.get("initial_peers")})
     return with_allocation(validate(cfg), read_allocation(env))
 
 
@@ -679,7 +690,7 @@ def with_allocation(cfg: RunConfig, allocation: Allocation) -> RunConfig:
     run_dir = cfg.run_dir or default_run_dir(cfg, allocation)
     changes["run_dir"] = run_dir
     start = (changes.get("peer_range") or cfg.peer_range or (0, cfg.num_peers))[0]
-    if start > 0 and not cfg.initial_peers:
+    if (start > 0 or cfg.rejoin) and not cfg.initial_peers:
         changes["initial_peers"] = os.path.join(run_dir, "bootstrap.json")
     return dataclasses.replace(cfg, **changes)
 

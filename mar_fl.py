@@ -288,8 +288,8 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
             if _stop_requested(network, prefix, state, round_index):
                 break
             out.write(json.dumps(_run_round(cfg, state, rt, round_index)) + "\n")
-            if cfg.restart_dead:  # a restarted peer rejoins with this
-                rt.averager.share_snapshot(round_index, _shared_tensors(state, rt))
+            # a restarted peer (--restart-dead, or by hand with --rejoin) rejoins with this; one serialized copy
+            rt.averager.share_snapshot(round_index, _shared_tensors(state, rt))
             if cfg.ckpt_every and round_index % cfg.ckpt_every == 0:
                 saved = save_checkpoint(run_dir, state, rt.aggregator)
             release_freed_memory()
@@ -1029,7 +1029,13 @@ class Launcher:
         self._ctx.set_forkserver_preload(_PRELOAD + (["dp_accounting"] if self.cfg.dp else []))
         self._initial_peers = initial_peers
         for index in self.cfg.local_peers():
-            self._spawn(index, resume_round=self.resume_round, rejoin=False)
+            if self.cfg.rejoin:  # restarted by hand: like --restart-dead, from the peer's own newest checkpoint
+                newest = newest_intact_checkpoint(self.run_dir, index)
+                logger.warning("restarting peer %d from %s; it rejoins the running run", index,
+                               f"its checkpoint of round {newest}" if newest else "scratch")
+                self._spawn(index, resume_round=newest, rejoin=True)
+            else:
+                self._spawn(index, resume_round=self.resume_round, rejoin=False)
 
     def _spawn(self, index: int, *, resume_round: int, rejoin: bool) -> None:
         proc = self._ctx.Process(target=peer_entry, name=f"peer-{index}",
@@ -1047,12 +1053,11 @@ class Launcher:
             if proc.is_alive() or proc.exitcode == 0 or self.restarts.get(index, 0) >= MAX_RESTARTS:
                 continue
             self.restarts[index] = self.restarts.get(index, 0) + 1
-            intact = [r for r in reversed(checkpoint_rounds(self.run_dir, index))
-                      if checkpoint_problem(checkpoint_path(self.run_dir, index, r)) is None]
+            newest = newest_intact_checkpoint(self.run_dir, index)
             logger.warning("restarting peer %d (exit code %s, restart %d of %d) from %s", index, proc.exitcode,
                            self.restarts[index], MAX_RESTARTS,
-                           f"its checkpoint of round {intact[0]}" if intact else "scratch")
-            self._spawn(index, resume_round=intact[0] if intact else 0, rejoin=True)
+                           f"its checkpoint of round {newest}" if newest else "scratch")
+            self._spawn(index, resume_round=newest, rejoin=True)
 
     def publish_stop(self, reason: str, after_round: int, *, preempt: bool = False) -> None:
         """Tell every peer (through one DHT key) the last round to run; ``preempt``: the run will resume."""
@@ -1331,6 +1336,12 @@ def _move_later_checkpoints(run_dir: str, peers: Sequence[int], last_round: int,
     return moved
 
 
+def newest_intact_checkpoint(run_dir: str, index: int) -> int:
+    """The newest round of which peer ``index`` has an intact checkpoint (0: none)."""
+    return next((r for r in reversed(checkpoint_rounds(run_dir, index))
+                 if checkpoint_problem(checkpoint_path(run_dir, index, r)) is None), 0)
+
+
 def prepare_resume(cfg: RunConfig, run_dir: str, *, primary: bool) -> int:
     """The round a resumed run continues after: the newest one every peer has an intact checkpoint of.
 
@@ -1422,7 +1433,8 @@ def _pre_start(argv: Optional[Sequence[str]]):
     run_dir = prepare_run_dir(cfg, primary=primary)
     _wait_for_bootstrap(cfg)
     try:
-        resume_round = prepare_resume(cfg, run_dir, primary=primary) if cfg.resume else 0
+        # --rejoin: the run is still going; each peer restarts from its own newest checkpoint (Launcher._spawn_peers)
+        resume_round = prepare_resume(cfg, run_dir, primary=primary) if cfg.resume and not cfg.rejoin else 0
     except OSError as e:
         raise ConfigError(f"--resume {run_dir}: cannot move earlier results aside ({e})") from None
     logging.getLogger().setLevel(cfg.log_level)

@@ -107,6 +107,23 @@ def test_resume_counts_only_flags_given_and_different(tmp_path):
         parse_config(["--resume", str(tmp_path), "--np", "8"])  # 8 is the default, but it was given
 
 
+def test_resume_on_another_host_and_rejoin(tmp_path):
+    from config_setup import save_config
+
+    save_config(parse_config(["--np", "4", "--run-dir", str(tmp_path), "--wandb", "disabled"]),
+                str(tmp_path / "config.json"))
+    part = parse_config(["--resume", str(tmp_path), "--peer-range", "2-3"])  # one node of a resumed multi-node run
+    assert part.peer_range == (2, 4) and not part.primary()
+    assert part.initial_peers == str(tmp_path / "bootstrap.json")
+    again = parse_config(["--resume", str(tmp_path), "--peer-range", "0-0", "--rejoin"])
+    assert again.rejoin and again.peer_range == (0, 1) and not again.primary()  # never the collector
+    assert again.initial_peers == str(tmp_path / "bootstrap.json")
+    with pytest.raises(ConfigError, match="--rejoin"):
+        parse_config(["--resume", str(tmp_path), "--rejoin"])  # which peers?
+    with pytest.raises(ConfigError, match="--rejoin"):
+        parse_config(["--np", "4", "--peer-range", "0-0", "--rejoin", "--wandb", "disabled"])  # not a running run
+
+
 def test_ipv4_hosts_and_concrete_announce_addresses_are_accepted():
     cfg = parse_config(["--host", "0.0.0.0", "--announce-host", "10.1.2.3", "--wandb", "disabled"])
     assert (cfg.host, cfg.announce_host) == ("0.0.0.0", "10.1.2.3")

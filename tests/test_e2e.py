@@ -218,6 +218,32 @@ def test_survivors_stop_waiting_for_dead_peers(tmp_path, data_dir, no_new_p2pd):
     assert proc.returncode == 3 and summary["status"] == "degraded" and len(summary["failed_peers"]) == 2
 
 
+def test_a_killed_peer_restarted_by_hand_rejoins(tmp_path, data_dir, no_new_p2pd):
+    """Without --restart-dead: a second launcher, `--resume RUN_DIR --peer-range 3-3 --rejoin`, restarts the dead
+    peer from its checkpoint while the run goes on; it takes a live peer's model and round and reports again."""
+    run_dir = tmp_path / "byhand"
+    proc = launch(run_dir, data_dir, "--ckpt-every", "1", "--tf", "1", "--matchmaking-timeout", "10",
+                  "--allreduce-timeout", "10", rounds=7)
+    deadline = time.time() + 400
+    while time.time() < deadline and len(read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []) < 2:
+        time.sleep(0.5)
+    os.kill(peer_pids(proc.pid)[-1], signal.SIGKILL)  # the highest index: peer 3
+    rejoin = subprocess.run([sys.executable, os.path.join(ROOT, "mar_fl.py"), "--resume", str(run_dir),
+                             "--peer-range", "3-3", "--rejoin", "--data-dir", data_dir],
+                            capture_output=True, text=True, timeout=900)
+    out, err = proc.communicate(timeout=900)
+    assert rejoin.returncode == 0, rejoin.stderr[-2000:]
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == list(range(1, 8)), err[-2000:]
+    assert "rejoined after round" in (run_dir / "logs" / "peer_0003.log").read_text()
+    with open(run_dir / "peers" / "peer_0003.jsonl") as f:
+        own = [json.loads(line)["round"] for line in f]
+    assert own == sorted(own) and own[-1] == 7  # it reported again, up to the last round, never a round twice
+    assert rows[-1]["reporting_peers"] == 4 and rows[-1]["test_accuracy"] > rows[1]["test_accuracy"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["failed_peers"] == [3] and summary["status"] == "degraded"  # the death is still reported
+
+
 def test_a_killed_peer_is_restarted_and_rejoins_with_the_live_model(tmp_path, data_dir, no_new_p2pd):
     """--restart-dead: the launcher starts a SIGKILLed peer again; it takes a live peer's model and round and
     takes part in the rounds after that, and the summary counts the restart."""
