@@ -82,8 +82,10 @@ def plot(runs: Sequence[DpRun], out: str, at_round: Optional[int] = None) -> Non
                            (axes[1], "epsilon_groupmate", "group-mate (replace-one)")):
         points = [r for r in runs if getattr(r, key) is not None and r.final_accuracy is not None]
         xs = [getattr(r, key) for r in points]
-        ax.plot(xs, [r.final_accuracy for r in points], "o-", label="final accuracy")
-        ax.plot(xs, [r.best_accuracy for r in points], "x--", label="best accuracy")
+        last = "final accuracy" if at_round is None else f"accuracy at round {at_round}"
+        ax.plot(xs, [r.final_accuracy for r in points], "o-", label=last)
+        ax.plot(xs, [r.best_accuracy for r in points], "x--", label="best accuracy" + ("" if at_round is None else
+                                                                                      " up to it"))
         for r, x in zip(points, xs):
             ax.annotate(f"z={r.noise_multiplier:g}" + ("" if r.noise == "os-entropy" else " (NOT PRIVATE)"),
                         (x, r.final_accuracy), textcoords="offset points", xytext=(5, -12))
