@@ -257,10 +257,8 @@ class RoutedP2P:
             self._dialled: Dict[bytes, float] = {}
         return self._dialled
 
-    async def _ensure_route(self, peer_id, *, patience: float = 0.0) -> None:
-        """Dial ``peer_id`` at its published addresses. libp2p refuses to dial an address again for a few seconds
-        after a failed dial ("dial backoff", e.g. after a DHT query cancelled its dial); with ``patience`` the dial
-        is retried until that passes."""
+    async def _ensure_route(self, peer_id) -> None:
+        """Dial ``peer_id`` at its published addresses (once per ``REDIAL_AFTER``)."""
         dialled, key = self._routing_state(), peer_id.to_bytes()
         last = dialled.get(key)
         if self.lookup is None or key == self.peer_id.to_bytes() or (last and time.monotonic() - last < REDIAL_AFTER):
@@ -268,28 +266,22 @@ class RoutedP2P:
         maddrs = await self.lookup(key)
         if not maddrs:
             return
-        deadline = time.monotonic() + patience
-        while True:
-            try:
-                await asyncio.wait_for(self._client.connect(peer_id, maddrs), DHT_RPC_TIMEOUT)
-                dialled[key] = time.monotonic()
-                return
-            except Exception as e:  # noqa: BLE001 - the call itself will fail and say why
-                if "dial backoff" not in str(e) or time.monotonic() + DIAL_RETRY_INTERVAL > deadline:
-                    logger.debug("could not dial %s at %s: %r", peer_id, maddrs, e)
-                    return
-            await asyncio.sleep(DIAL_RETRY_INTERVAL)
+        try:
+            await asyncio.wait_for(self._client.connect(peer_id, maddrs), DHT_RPC_TIMEOUT)
+            dialled[key] = time.monotonic()
+        except Exception as e:  # noqa: BLE001 - the call itself will fail and say why
+            logger.debug("could not dial %s at %s: %r", peer_id, maddrs, e)
 
     def _forget_route(self, peer_id) -> None:
         self._routing_state().pop(peer_id.to_bytes(), None)
 
     async def _routed(self, call, peer_id, *args, patience: float = 0.0, **kwargs):
-        """``call`` after a dial; with ``patience``, a call refused for a dial backoff (it sent nothing) is tried
-        again until the backoff passes: two group-mates that dial each other at once can both fail the
+        """``call`` after a dial; with ``patience``, a call refused for a dial backoff (it sent nothing) is dialled
+        and tried again until the backoff passes: two group-mates that dial each other at once can both fail the
         handshake, and libp2p then refuses to dial either address for a few seconds."""
         deadline = time.monotonic() + patience
         while True:
-            await self._ensure_route(peer_id, patience=max(0.0, deadline - time.monotonic()))
+            await self._ensure_route(peer_id)
             try:
                 return await call(peer_id, *args, **kwargs)
             except Exception as e:
