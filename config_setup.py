@@ -27,6 +27,8 @@ TASKS = ("mnist", "news")
 SPLITS = ("iid", "dirichlet")
 DEVICES = ("cpu", "cuda")
 COMPRESSIONS = ("none", "fp16", "8bit")
+AGGREGATIONS = ("mar", "rdfl", "fedavg", "gossip")
+GOSSIP_WEIGHTINGS = ("equal", "staleness")
 WANDB_MODES = ("online", "offline", "disabled")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ITERATION_MODES = {"0": "batches", "1": "passes", "batches": "batches", "passes": "passes"}
@@ -60,6 +62,9 @@ class RunConfig:
     allreduce_timeout: float = 30.0
     max_failed_percent: float = 5.0  # a run whose failed MAR steps exceed this share ends "degraded"
     restart_dead: bool = False  # the launcher restarts a dead peer, which rejoins with a live peer's model
+    aggregation: str = "mar"  # mar, or a baseline of the paper: rdfl (all-to-all), fedavg (server), gossip
+    gossip_peers: int = 2  # gossip: neighbours each peer pulls from per round (k)
+    gossip_weighting: str = "equal"  # gossip: equal weights, or 1 / (1 + rounds since the model's peer trained)
     # training
     rounds: int = 500
     iteration_mode: str = "batches"
@@ -187,6 +192,14 @@ def _flags_moshpit_all_reduce(p: argparse.ArgumentParser, d: RunConfig) -> None:
     g.add_argument("--restart-dead", action="store_true",
                    help="restart a peer that died (from its newest intact checkpoint); it rejoins with the current "
                         "model of a live peer")
+    g.add_argument("--aggregation", choices=AGGREGATIONS, default=d.aggregation,
+                   help="how peers aggregate: mar (Moshpit All-Reduce), rdfl (every peer exchanges with every other), "
+                        "fedavg (one more process, a server, averages: star topology), gossip (each peer averages "
+                        "with --gossip-peers random peers per round)")
+    g.add_argument("--gossip-peers", type=int, default=d.gossip_peers,
+                   help="gossip: peers each peer pulls a model from per round (k)")
+    g.add_argument("--gossip-weighting", choices=GOSSIP_WEIGHTINGS, default=d.gossip_weighting,
+                   help="gossip: equal weights, or staleness (a model not trained for s rounds weighs 1/(1+s))")
 
 
 def _flags_training(p: argparse.ArgumentParser, d: RunConfig) -> None:
@@ -385,10 +398,27 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.kd_rounds is None or cfg.kd_rounds >= 1, f"--kd-rounds must be at least 1, got {cfg.kd_rounds}")
     _check(cfg.kd_rounds is None or cfg.kd, "--kd-rounds needs --kd")
     _check(cfg.text_max_length >= 1, f"--text-max-length must be at least 1, got {cfg.text_max_length}")
+    _validate_aggregation(cfg)
     _validate_network(cfg)
     _validate_dp(cfg)
     _validate_lr_schedule(cfg)
     return cfg
+
+
+def _validate_aggregation(cfg: RunConfig) -> None:
+    """The baselines compose with KD and DP only where the combination means something."""
+    _check(cfg.aggregation in AGGREGATIONS, f"--aggregation must be one of {', '.join(AGGREGATIONS)}")
+    _check(cfg.gossip_weighting in GOSSIP_WEIGHTINGS,
+           f"--gossip-weighting must be one of {', '.join(GOSSIP_WEIGHTINGS)}")
+    _check(cfg.gossip_peers >= 1, f"--gossip-peers must be at least 1, got {cfg.gossip_peers}")
+    _check(cfg.aggregation == "gossip" or (cfg.gossip_peers == RunConfig.gossip_peers
+                                           and cfg.gossip_weighting == RunConfig.gossip_weighting),
+           "--gossip-peers and --gossip-weighting need --aggregation gossip")
+    _check(cfg.aggregation == "mar" or not cfg.kd,
+           f"--kd distils from Moshpit group-mates (MKD): it needs --aggregation mar, not {cfg.aggregation}")
+    _check(cfg.aggregation != "gossip" or not cfg.dp,
+           "--dp with --aggregation gossip is refused: its accountant assumes every peer ends the round with the "
+           "mean of all participants, which gossip does not compute")
 
 
 def _short(value: Any, limit: int = 160) -> str:

@@ -214,8 +214,12 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
                                  nat_port_map=cfg.nat_port_map, startup_timeout=cfg.startup_timeout, prefix=prefix,
                                  run_secret=run_secret)
         network = PeerNetwork(options).start()
-        run_peer(cfg, index=index, run_dir=run_dir, network=network, prefix=prefix, device=device,
-                 prepared=prepared, resume_round=resume_round, rejoin=rejoin)
+        if is_server(cfg, index):
+            run_server(cfg, index=index, run_dir=run_dir, network=network, prefix=prefix, prepared=prepared,
+                       resume_round=resume_round)
+        else:
+            run_peer(cfg, index=index, run_dir=run_dir, network=network, prefix=prefix, device=device,
+                     prepared=prepared, resume_round=resume_round, rejoin=rejoin)
     except PeerStopped:
         logger.info("peer %d stopped by signal", index)
         raise
@@ -260,7 +264,7 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
     averager = MoshpitAverager(network, AveragerOptions(
         prefix=prefix, index=index, compression=cfg.compression,
         matchmaking_timeout=cfg.matchmaking_timeout, allreduce_timeout=cfg.allreduce_timeout,
-        num_peers=cfg.num_peers))
+        num_peers=process_count(cfg)))
     rt = PeerRuntime(task=task, prepared=prepared, train=train, test=test,
                      test_idx=eval_slice(len(test), index, cfg.num_peers),
                      num_batches=mini_batches_per_round(cfg, num_samples=len(train)), averager=averager,
@@ -295,6 +299,63 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
             release_freed_memory()
     if state.round_index != saved:  # the last round always is on disk: a cut run resumes, a finished one extends
         save_checkpoint(run_dir, state, rt.aggregator)
+    barrier(network, f"{prefix}.end", me=index, expected=range(cfg.num_peers), timeout=cfg.allreduce_timeout)
+    averager.close()
+
+
+def is_server(cfg: RunConfig, index: int) -> bool:
+    """``--aggregation fedavg`` runs one more process, the server, under the index after the last client."""
+    return cfg.aggregation == "fedavg" and index == cfg.num_peers
+
+
+def process_count(cfg: RunConfig) -> int:
+    """Processes that take part in aggregation: the peers, plus FedAvg's server."""
+    return cfg.num_peers + (1 if cfg.aggregation == "fedavg" else 0)
+
+
+@dataclass
+class ServerState:
+    round_index: int = 0
+    stop_after: Optional[int] = None
+    preempted: bool = False
+
+
+def run_server(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, prepared: Dict[str, Any],
+               resume_round: int = 0) -> None:
+    """FedAvg's server: each round it waits for the round's first client, then averages the clients' tensors
+    (star topology, through the same engine and wire checks as MAR) and sends the mean back. It holds no data
+    and no model of its own, only tensors of the right shapes; its traffic is logged as the server's."""
+    from ml_tasks import get_task
+    from moshpit_all_reduce import AveragerOptions, MoshpitAverager
+    from peer_aggregation_logic import fedavg_key, server_tensors
+    from peer_synchronization import aggregation_participants, barrier
+
+    task = get_task(cfg.task)
+    like = server_tensors(cfg, task.trainable(task.make_model(prepared)))
+    averager = MoshpitAverager(network, AveragerOptions(
+        prefix=prefix, index=index, compression=cfg.compression, matchmaking_timeout=cfg.matchmaking_timeout,
+        allreduce_timeout=cfg.allreduce_timeout, num_peers=process_count(cfg)))
+    barrier(network, f"{prefix}.start", me=index, expected=range(cfg.num_peers), timeout=cfg.startup_timeout)
+    state = ServerState(round_index=resume_round)
+    with open(os.path.join(run_dir, "peers", f"peer_{index:04d}.jsonl"), "a", buffering=1) as out:
+        for round_index in range(resume_round + 1, cfg.rounds + 1):
+            if _stop_requested(network, prefix, state, round_index):
+                break
+            started = time.time()
+            participants = aggregation_participants(
+                seed=cfg.seed, round_index=round_index, num_peers=cfg.num_peers, update_percent=cfg.update_percent,
+                aggregate_percent=cfg.aggregate_percent, dropout_percent=cfg.dropout_percent)
+            key = fedavg_key(averager, round_index)
+            averager.begin_round(round_index)
+            waited = averager.await_first_declaration(key, patience=stale_after_seconds(cfg))
+            step = averager.average_via_server(like, key=key, expected=frozenset(participants), server=index)
+            out.write(json.dumps({
+                "round": round_index, "peer": index, "role": "server", "t_start": started,
+                "participating_peers": len(participants), "server_bytes_sent": step.bytes_sent,
+                "server_bytes_received": step.bytes_received, "server_failed": step.failed,
+                "failed_peers": list(step.failed_peers), "wait_seconds": waited, "train_seconds": 0.0,
+                "aggregation_seconds": step.seconds, "round_seconds": step.seconds, "t_end": time.time()}) + "\n")
+            state.round_index = round_index
     barrier(network, f"{prefix}.end", me=index, expected=range(cfg.num_peers), timeout=cfg.allreduce_timeout)
     averager.close()
 
@@ -564,7 +625,8 @@ def load_checkpoint(path: str, state: PeerState, aggregator, *, device: str) -> 
 
 def summarize_round(records: Sequence[Dict[str, Any]], run_start: float) -> Dict[str, Any]:
     """Pool one round's per-peer records into the per-round metrics (sorted by peer: reproducible sums)."""
-    records = sorted(records, key=lambda r: r["peer"])
+    server = [r for r in records if r.get("role") == "server"]  # FedAvg's server: its traffic is its own
+    records = sorted((r for r in records if r.get("role") != "server"), key=lambda r: r["peer"]) or server
     mean = lambda xs: (sum(xs) / len(xs)) if xs else None  # noqa: E731
     trained = [r["train_loss"] for r in records if "train_loss" in r]
     aggregated = [r for r in records if "bytes_sent" in r]
@@ -592,6 +654,8 @@ def summarize_round(records: Sequence[Dict[str, Any]], run_start: float) -> Dict
         "aggregation_seconds": mean([r["aggregation_seconds"] for r in records]),
         "elapsed_seconds": max(r["t_end"] for r in records) - run_start,
         **{key: value for key, value in optional.items() if value is not None},
+        **({"server_bytes_sent": server[0]["server_bytes_sent"],
+            "server_bytes_received": server[0]["server_bytes_received"]} if server else {}),
     }
 
 
@@ -1036,6 +1100,8 @@ class Launcher:
                 self._spawn(index, resume_round=newest, rejoin=True)
             else:
                 self._spawn(index, resume_round=self.resume_round, rejoin=False)
+        if self.cfg.aggregation == "fedavg" and self.primary:
+            self._spawn(self.cfg.num_peers, resume_round=self.resume_round, rejoin=False)  # the server
 
     def _spawn(self, index: int, *, resume_round: int, rejoin: bool) -> None:
         proc = self._ctx.Process(target=peer_entry, name=f"peer-{index}",
@@ -1050,7 +1116,8 @@ class Launcher:
         if not self.cfg.restart_dead or self.stopping or self.stop_reason is not None:
             return
         for index, proc in list(self.procs.items()):
-            if proc.is_alive() or proc.exitcode == 0 or self.restarts.get(index, 0) >= MAX_RESTARTS:
+            if proc.is_alive() or proc.exitcode == 0 or self.restarts.get(index, 0) >= MAX_RESTARTS \
+                    or is_server(self.cfg, index):  # a dead server ends FedAvg: the run reports it, degraded
                 continue
             self.restarts[index] = self.restarts.get(index, 0) + 1
             newest = newest_intact_checkpoint(self.run_dir, index)
@@ -1106,7 +1173,7 @@ class Launcher:
         self._start_watchdog()
         initial_peers = self._start_network()
         self._spawn_peers(initial_peers)
-        collector = MetricsCollector(self.run_dir, self.cfg.num_peers, stale_after=stale_after_seconds(self.cfg))
+        collector = MetricsCollector(self.run_dir, process_count(self.cfg), stale_after=stale_after_seconds(self.cfg))
         self._continue_history(collector)
         self._log_wandb(self.history)  # rounds of a resumed run that wandb has not seen yet (else none)
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", buffering=1) as metrics:

@@ -104,6 +104,29 @@ def mixing_error(values: np.ndarray, group_size: int, key_dim: int, steps: int) 
     return float(np.abs(state - np.asarray(values, dtype=np.float64).mean(axis=0)).max())
 
 
+GOSSIP_SALT = 0x6055  # keeps the gossip ring's random stream apart from the participation draws
+
+
+def gossip_sources(participants: Sequence[int], *, seed: int, round_index: int, k: int) -> Dict[int, Tuple[int, ...]]:
+    """Whom each participant pulls from in a gossip round: the participants on a fresh random ring (drawn from
+    ``(seed, round)``, the same on every peer), each pulling from the ``k`` peers after it — so every peer is also
+    read by exactly ``k`` others and sends and receives ``k`` models per round."""
+    ordered = sorted(participants)
+    k = max(0, min(k, len(ordered) - 1))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, round_index, GOSSIP_SALT]))
+    ring = [ordered[i] for i in rng.permutation(len(ordered))]
+    return {ring[p]: tuple(ring[(p + j) % len(ring)] for j in range(1, k + 1)) for p in range(len(ring))}
+
+
+def gossip_readers(sources: Dict[int, Sequence[int]]) -> Dict[int, Tuple[int, ...]]:
+    """The inverse of :func:`gossip_sources`: who pulls from each peer."""
+    readers: Dict[int, List[int]] = {peer: [] for peer in sources}
+    for peer, pulled in sources.items():
+        for source in pulled:
+            readers[source].append(peer)
+    return {peer: tuple(sorted(who)) for peer, who in readers.items()}
+
+
 # ==================== wire compression ====================
 
 
@@ -327,12 +350,40 @@ class CountingRunner(AllReduceRunner):
         await asyncio.sleep(STREAM_LINGER)
 
 
+@dataclass
+class SharedTensors:
+    """This peer's serialized tensors offered to some peers under one group id (all-gather, RDFL, gossip).
+
+    :param chunks: the serialized tensors, streamed as they are
+    :param traffic: where the bytes served are counted
+    :param readers: peer ids allowed to fetch them; each is crossed off ``pending`` once served
+    """
+
+    chunks: List[Any]
+    traffic: _Traffic
+    readers: FrozenSet[bytes]
+    pending: Set[bytes] = field(default_factory=set)
+    served: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self):
+        self.pending = set(self.readers)
+        self._check()
+
+    def mark_served(self, peer_id: bytes) -> None:
+        self.pending.discard(peer_id)
+        self._check()
+
+    def _check(self) -> None:
+        if not self.pending:
+            self.served.set()
+
+
 class MoshpitServicer(ServicerBase):
     """Routes incoming all-reduce / all-gather streams to the group they belong to (keyed by group id)."""
 
     def __init__(self):
         self.runners: Dict[bytes, CountingRunner] = {}
-        self.shared: Dict[bytes, Tuple[List[Any], _Traffic, FrozenSet[bytes]]] = {}
+        self.shared: Dict[bytes, SharedTensors] = {}
         self.registered = asyncio.Condition()
         self.wait_timeout = 30.0
         self.snapshot: Optional[Tuple[int, List[Any]]] = None  # (round, chunks) for peers that rejoin
@@ -375,15 +426,16 @@ class MoshpitServicer(ServicerBase):
         if entry is None:
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             return
-        chunks, traffic, members = entry
-        if context.remote_id.to_bytes() not in members:  # our model goes to group-mates only
+        reader = context.remote_id.to_bytes()
+        if reader not in entry.readers:  # our model goes to group-mates only
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
-        traffic.received += request.ByteSize()
-        for chunk in chunks:
+        entry.traffic.received += request.ByteSize()
+        for chunk in entry.chunks:
             msg = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=chunk)
-            traffic.sent += msg.ByteSize()
+            entry.traffic.sent += msg.ByteSize()
             yield msg
+        entry.mark_served(reader)
 
     async def rpc_snapshot(
         self, request: averaging_pb2.AveragingData, context: P2PContext
@@ -504,6 +556,10 @@ class Liveness:
 class _Member:
     index: int
     peer_id: bytes
+
+
+# an in-group exchange: (key, members, traffic) → (lost members, why the step failed or "", payload)
+Exchange = Callable[[str, Sequence["_Member"], _Traffic], Awaitable[Tuple[Tuple[int, ...], str, Any]]]
 
 
 class MoshpitAverager:
@@ -662,7 +718,8 @@ class MoshpitAverager:
     def _peer_ids(self, members: Sequence[_Member]):
         return [PeerID(m.peer_id) for m in members]
 
-    async def _allreduce(self, key, members, tensors, weight, traffic) -> Tuple[Tuple[int, ...], int]:
+    async def _allreduce(self, key, members, tensors, weight, traffic, *, fractions=None,
+                         modes=None) -> Tuple[Tuple[int, ...], int]:
         group_id = self._group_id(key, members)
         timeout = self.options.allreduce_timeout
         runner = self._runner_cls(
@@ -674,7 +731,8 @@ class MoshpitAverager:
             tensors=tensors,
             weight=weight,
             ordered_peer_ids=self._peer_ids(members),
-            peer_fractions=tuple(1.0 for _ in members),
+            peer_fractions=fractions or tuple(1.0 for _ in members),
+            modes=modes,
             compression=self.compression,
             sender_timeout=timeout,
             reducer_timeout=2 * timeout,
@@ -700,54 +758,143 @@ class MoshpitAverager:
             logger.warning("group %s: %d values kept local after a reducer failed", key, failed)
         return lost, failed
 
-    async def _gather(self, key, members, tensors, traffic) -> Dict[int, List[torch.Tensor]]:
-        group_id = self._group_id(key, members)
-        own_chunks = [
-            chunk
-            for tensor in tensors
-            for chunk in split_for_streaming(
-                serialize_torch_tensor(tensor.detach().cpu(), self.compression.compression_type)
-            )
-        ]
-        member_ids = frozenset(m.peer_id for m in members)
-        await self.servicer.register(self.servicer.shared, group_id, (own_chunks, traffic, member_ids))
-        results: Dict[int, List[torch.Tensor]] = {}
+    def _serialize(self, tensors: Sequence[torch.Tensor]) -> List[Any]:
+        return [chunk for tensor in tensors for chunk in split_for_streaming(
+            serialize_torch_tensor(tensor.detach().cpu(), self.compression.compression_type))]
 
-        async def fetch(member: _Member) -> None:
-            stub = self._servicer_cls.get_stub(
-                self.network.p2p, self._peer_ids([member])[0], namespace=self.options.prefix
-            )
-            request = averaging_pb2.AveragingData(group_id=group_id)
-            traffic.sent += request.ByteSize()
-            parts = []
-            stream = await stub.rpc_gather(request)
-            async for msg in stream:
-                traffic.received += msg.ByteSize()
-                if msg.code != averaging_pb2.AVERAGED_PART:
-                    raise AveragingError(f"peer {member.index} refused gather: {msg.code}")
-                parts.append(msg.tensor_part)
-            received = [deserialize_torch_tensor(t) for t in _regroup(parts, combine_from_streaming)]
-            problems = [check_part(got, shape=own.shape, dtype=own.dtype) for got, own in zip(received, tensors)]
-            problem = f"{len(received)} tensors instead of {len(tensors)}" if len(received) != len(tensors) \
-                else next((p for p in problems if p is not None), None)
-            if problem is not None:
-                raise AveragingError(f"peer {member.index} sent unusable tensors: {problem}")
-            results[member.index] = received
-
-        others = [m for m in members if m.index != self.options.index]
-        outcomes = await asyncio.gather(
-            *(asyncio.wait_for(fetch(m), self.options.allreduce_timeout) for m in others), return_exceptions=True
-        )
-        for member, outcome in zip(others, outcomes):
-            if isinstance(outcome, BaseException):
-                logger.warning("all-gather: peer %d failed: %r", member.index, outcome)
-        # keep serving our tensors a little longer: slower groupmates may still be fetching them
+    async def _offer(self, group_id: bytes, tensors, traffic, readers: FrozenSet[bytes]) -> SharedTensors:
+        """Serve ``tensors`` under ``group_id`` to ``readers`` until they fetched them (or a while longer)."""
+        entry = SharedTensors(self._serialize(tensors), traffic, readers)
+        await self.servicer.register(self.servicer.shared, group_id, entry)
+        # withdrawn at the latest after a few timeouts: a reader that never comes does not pin our memory
         asyncio.get_running_loop().call_later(
-            self.options.allreduce_timeout, self.servicer.shared.pop, group_id, None
-        )
+            self.options.matchmaking_timeout + 2 * self.options.allreduce_timeout,
+            self.servicer.shared.pop, group_id, None)
+        return entry
+
+    async def _await_served(self, group_id: bytes, entry: SharedTensors) -> None:
+        """Wait (bounded) until every reader fetched our tensors, so the step's byte count is complete."""
+        try:
+            await asyncio.wait_for(entry.served.wait(), 2 * self.options.allreduce_timeout)
+        except asyncio.TimeoutError:
+            logger.warning("%d reader(s) did not fetch our tensors", len(entry.pending))
+        if self.servicer.shared.get(group_id) is entry and not entry.pending:
+            self.servicer.shared.pop(group_id, None)
+
+    async def _fetch(self, member: _Member, group_id: bytes, like, traffic) -> List[torch.Tensor]:
+        """``member``'s full tensors offered under ``group_id``, checked against ``like`` (shape, dtype, finite)."""
+        stub = self._servicer_cls.get_stub(self.network.p2p, PeerID(member.peer_id), namespace=self.options.prefix)
+        request = averaging_pb2.AveragingData(group_id=group_id)
+        traffic.sent += request.ByteSize()
+        parts = []
+        async for msg in await stub.rpc_gather(request):
+            traffic.received += msg.ByteSize()
+            if msg.code != averaging_pb2.AVERAGED_PART:
+                raise AveragingError(f"peer {member.index} refused to send its tensors: {msg.code}")
+            parts.append(msg.tensor_part)
+        received = [deserialize_torch_tensor(t) for t in _regroup(parts, combine_from_streaming)]
+        problems = [check_part(got, shape=own.shape, dtype=own.dtype) for got, own in zip(received, like)]
+        problem = f"{len(received)} tensors instead of {len(like)}" if len(received) != len(like) \
+            else next((p for p in problems if p is not None), None)
+        if problem is not None:
+            raise AveragingError(f"peer {member.index} sent unusable tensors: {problem}")
+        return received
+
+    async def _fetch_in_order(self, sources: Sequence[_Member], group_ids: Sequence[bytes], like, traffic,
+                              consume: Callable[[int, List[torch.Tensor]], None], *, window: int = 4) -> List[int]:
+        """Fetch every source's tensors, ``window`` at a time, and hand them to ``consume`` in source order (so a
+        sum over them is the same on every run); at most ``window`` of them are held at once. Returns the
+        indices of the sources that failed."""
+        window_slots = asyncio.Semaphore(window)
+        loop = asyncio.get_running_loop()
+        outcomes = [loop.create_future() for _ in sources]
+
+        async def one(position: int) -> None:
+            await window_slots.acquire()  # FIFO: the oldest unconsumed source always holds a slot
+            try:
+                result = await asyncio.wait_for(self._fetch(sources[position], group_ids[position], like, traffic),
+                                                self.options.allreduce_timeout)
+            except Exception as e:  # noqa: BLE001 - a failed source is reported, the others still count
+                result = e
+            outcomes[position].set_result(result)
+
+        tasks = [asyncio.create_task(one(position)) for position in range(len(sources))]
+        failed = []
+        try:
+            for member, outcome in zip(sources, outcomes):
+                result = await outcome
+                if isinstance(result, BaseException):
+                    logger.warning("fetching from peer %d failed: %r", member.index, result)
+                    failed.append(member.index)
+                else:
+                    consume(member.index, result)
+                del result
+                window_slots.release()
+        finally:
+            for task in tasks:
+                task.cancel()
+        return failed
+
+    async def _gather(self, key, members, tensors, traffic) -> Dict[int, List[torch.Tensor]]:
+        """Every group-mate's full tensors (knowledge distillation's all-gather)."""
+        group_id = self._group_id(key, members)
+        others = [m for m in members if m.index != self.options.index]
+        entry = await self._offer(group_id, tensors, traffic, frozenset(m.peer_id for m in others))
+        results: Dict[int, List[torch.Tensor]] = {}
+        await self._fetch_in_order(others, [group_id] * len(others), tensors, traffic, results.__setitem__,
+                                   window=len(others) or 1)
+        await self._await_served(group_id, entry)
         return results
 
-    async def _step(self, *, key, expected, tensors, weight, gather) -> Tuple[StepReport, Any]:
+    async def _mean_of_all(self, key, members, tensors, traffic) -> List[int]:
+        """RDFL: fetch every member's full tensors and average them with ours, in index order, in place."""
+        group_id = self._group_id(key, members)
+        others = [m for m in members if m.index != self.options.index]
+        entry = await self._offer(group_id, tensors, traffic, frozenset(m.peer_id for m in others))
+        failed = await self._weighted_mean(tensors, others, [group_id] * len(others), traffic, lambda index: 1.0)
+        await self._await_served(group_id, entry)
+        return failed
+
+    async def _weighted_mean(self, tensors, sources, group_ids, traffic, weight_of) -> List[int]:
+        """``tensors`` ← weighted mean of ours and the sources' (summed in index order; failed sources left out)."""
+        me = self.options.index
+        pending = sorted([(me, None)] + [(m.index, m) for m in sources], key=lambda item: item[0])
+        sums = [torch.zeros_like(t) for t in tensors]
+        total = 0.0
+
+        def add(index: int, values: Sequence[torch.Tensor]) -> None:
+            nonlocal total
+            for acc, value in zip(sums, values):
+                acc.add_(value.to(acc.dtype), alpha=weight_of(index))
+            total += weight_of(index)
+
+        # consume strictly by index, ours included at its place: fetch results arrive in source order
+        ours_added = False
+
+        def consume(index: int, values: Sequence[torch.Tensor]) -> None:
+            nonlocal ours_added
+            if not ours_added and index > me:
+                add(me, tensors)
+                ours_added = True
+            add(index, values)
+
+        ordered_sources = [m for _, m in pending if m is not None]
+        positions = {m.index: i for i, m in enumerate(sources)}
+        failed = await self._fetch_in_order(ordered_sources, [group_ids[positions[m.index]] for m in ordered_sources],
+                                            tensors, traffic, consume)
+        if not ours_added:
+            add(me, tensors)
+        for target, acc in zip(tensors, sums):
+            target.copy_(acc.div_(total))
+        return failed
+
+    async def _step(self, *, key: str, expected: FrozenSet[int], exchange: "Exchange",
+                    required: FrozenSet[int] = frozenset()) -> Tuple[StepReport, Any]:
+        """Form the group ``key`` (matchmaking), then run ``exchange(key, members, traffic)`` within it.
+
+        ``exchange`` returns ``(lost members, why the step failed or "", payload)``. ``required``: members without
+        whom there is nothing to exchange (FedAvg's server).
+        """
         started = time.monotonic()
         traffic = _Traffic()
         if expected == frozenset({self.options.index}):
@@ -763,15 +910,11 @@ class MoshpitAverager:
         payload: Any = {}
         if len(members) == 1 and len(expected) > 1:
             report.failed, report.reason = True, "no group-mate joined"
-        elif len(members) > 1 and gather:
-            payload = await self._gather(key, members, tensors, traffic)
-            report.failed_peers = tuple(m for m in indices if m != self.options.index and m not in payload)
-            if not payload:
-                report.failed, report.reason = True, "no group-mate's tensors arrived"
+        elif not required <= set(indices):
+            report.failed, report.reason = True, f"peer(s) {sorted(required - set(indices))} did not join"
         elif len(members) > 1:
-            report.failed_peers, kept = await self._allreduce(key, members, tensors, weight, traffic)
-            if kept:
-                report.failed, report.reason = True, f"{kept} values kept local"
+            report.failed_peers, reason, payload = await exchange(key, members, traffic)
+            report.failed, report.reason = bool(reason), reason
         self.excluded.update(report.failed_peers)
         report.bytes_sent, report.bytes_received = traffic.sent, traffic.received
         report.matchmaking_seconds = matched - started
@@ -786,7 +929,118 @@ class MoshpitAverager:
         The exchange works on a copy: if the step fails as a whole the tensors keep their local values.
         """
         staged = [t.detach().to("cpu", copy=True).contiguous() for t in tensors]
-        report, _ = self._run_step(key=key, expected=expected, tensors=staged, weight=weight, gather=False)
+
+        async def exchange(key, members, traffic):
+            lost, kept = await self._allreduce(key, members, staged, weight, traffic)
+            return lost, f"{kept} values kept local" if kept else "", None
+
+        report, _ = self._run_step(key=key, expected=expected, exchange=exchange)
+        return self._copy_back(report, tensors, staged)
+
+    def average_all(self, tensors: Sequence[torch.Tensor], *, key: str, expected: FrozenSet[int]) -> StepReport:
+        """RDFL: every member fetches every other member's full tensors and averages them all (all-to-all)."""
+        staged = [t.detach().to("cpu", copy=True).contiguous() for t in tensors]
+
+        async def exchange(key, members, traffic):
+            lost = await self._mean_of_all(key, members, staged, traffic)
+            return tuple(lost), "no group-mate's tensors arrived" if len(lost) == len(members) - 1 else "", None
+
+        report, _ = self._run_step(key=key, expected=expected, exchange=exchange)
+        return self._copy_back(report, tensors, staged)
+
+    def average_via_server(self, tensors: Sequence[torch.Tensor], *, key: str, expected: FrozenSet[int],
+                           server: int) -> StepReport:
+        """FedAvg (star): the clients send their tensors to ``server``, which averages them and sends the mean
+        back; the server (an extra peer without data of its own) passes tensors of the right shapes and keeps
+        nothing. Same group formation and wire checks as MAR."""
+        staged = [t.detach().to("cpu", copy=True).contiguous() for t in tensors]
+        me = self.options.index
+
+        async def exchange(key, members, traffic):
+            from hivemind.averaging.allreduce import AveragingMode
+
+            roles = [AveragingMode.AUX if m.index == server else AveragingMode.CLIENT for m in members]
+            fractions = tuple(1.0 if m.index == server else 0.0 for m in members)
+            lost, kept = await self._allreduce(key, members, staged, 1.0, traffic, fractions=fractions, modes=roles)
+            return lost, f"{kept} values kept local" if kept else "", None
+
+        report, _ = self._run_step(key=key, expected=expected | {server}, exchange=exchange,
+                                   required=frozenset({server}))
+        return report if me == server else self._copy_back(report, tensors, staged)
+
+    def gossip(self, tensors: Sequence[torch.Tensor], *, key: str, sources: Sequence[int], readers: Sequence[int],
+               weight_of: Callable[[int], float]) -> StepReport:
+        """One gossip exchange: offer our tensors to ``readers``, fetch the ``sources``' tensors and replace ours
+        by the ``weight_of``-weighted mean of ours and theirs (no group: each peer has its own neighbours)."""
+        staged = [t.detach().to("cpu", copy=True).contiguous() for t in tensors]
+        aborted = (StepReport(members=(self.options.index,), rank=0), None)
+        report, _ = self._guarded(key, self._gossip(key, staged, frozenset(sources), frozenset(readers), weight_of),
+                                  aborted)
+        return self._copy_back(report, tensors, staged)
+
+    async def _gossip(self, key, tensors, sources: FrozenSet[int], readers: FrozenSet[int],
+                      weight_of) -> Tuple[StepReport, None]:
+        me, started, traffic = self.options.index, time.monotonic(), _Traffic()
+        declared = await self._declare(key, sources | readers, started + self.options.matchmaking_timeout)
+        present = [_Member(i, declared[i]) for i in sorted(sources) if i in declared]
+        await self.network.await_addresses(m.peer_id for m in present)
+        matched = time.monotonic()
+        own_id = self._gossip_id(key, me)
+        entry = await self._offer(own_id, tensors, traffic, frozenset(declared[i] for i in readers if i in declared))
+        failed = await self._weighted_mean(tensors, present, [self._gossip_id(key, m.index) for m in present],
+                                           traffic, weight_of)
+        await self._await_served(own_id, entry)
+        lost = tuple(sorted((sources - declared.keys()) | set(failed)))
+        report = StepReport(members=tuple(sorted({me} | {m.index for m in present})), rank=0, failed_peers=lost,
+                            timed_out=self._timed_out, bytes_sent=traffic.sent, bytes_received=traffic.received,
+                            matchmaking_seconds=matched - started, seconds=time.monotonic() - started)
+        if sources and len(lost) == len(sources):
+            report.failed, report.reason = True, "no neighbour's tensors arrived"
+        self.excluded.update(lost)
+        return report, None
+
+    def await_first_declaration(self, key: str, *, patience: float) -> float:
+        """Wait (at most ``patience`` seconds) until somebody declared under ``key``: a peer that has nothing to
+        do before a group forms (FedAvg's server) does not start the group's deadline before its members come.
+        Returns the seconds waited."""
+        started = time.monotonic()
+
+        async def declared() -> bool:
+            return bool(parse_declarations(await read_subkeys(self.network.dht, key), self.options.num_peers))
+
+        try:
+            self.network.run(poll_until(declared, deadline=started + patience, max_delay=0.2), timeout=patience + 30)
+        except (TimeoutError, OSError, RuntimeError) as e:
+            logger.warning("waiting for group %s: %r", key, e)
+        return time.monotonic() - started
+
+    @staticmethod
+    def _gossip_id(key: str, index: int) -> bytes:
+        return hashlib.sha256(f"{key}.from{index}".encode()).digest()[:20]
+
+    async def _declare(self, key: str, wanted: FrozenSet[int], deadline: float) -> Dict[int, bytes]:
+        """Publish our peer id under ``key`` and read who of ``wanted`` did, until all (not presumed gone) did or
+        the deadline passed: ``{index: peer id}``."""
+        me, dht, ttl = self.options.index, self.network.dht, self.options.dht_ttl
+        own_id = self.network.p2p.peer_id.to_bytes()
+        stored = await publish(dht, key, str(me), own_id, ttl=ttl)
+        wait_for = frozenset(i for i in wanted if not self.liveness.presumed_gone(i))
+        declared: Dict[int, bytes] = {}
+
+        async def everyone() -> bool:
+            nonlocal stored, declared
+            if not stored:
+                stored = await publish(dht, key, str(me), own_id, ttl=ttl)
+            found = parse_declarations(await read_subkeys(dht, key), self.options.num_peers)
+            declared = {i: found[i] for i in wanted if i in found and i not in self.excluded}
+            return wait_for <= declared.keys()
+
+        self._timed_out = not await poll_until(everyone, deadline=deadline)
+        self.liveness.observe(expected=frozenset(wanted), present=set(declared) | {me})
+        return declared
+
+    @staticmethod
+    def _copy_back(report: StepReport, tensors: Sequence[torch.Tensor], staged: Sequence[torch.Tensor]) -> StepReport:
         if not report.reason.startswith("step aborted"):
             for target, source in zip(tensors, staged):
                 target.data.copy_(source.view_as(target))
@@ -796,24 +1050,36 @@ class MoshpitAverager:
         self, tensors: Sequence[torch.Tensor], *, key: str, expected: FrozenSet[int]
     ) -> Tuple[StepReport, Dict[int, List[torch.Tensor]]]:
         """Fetch every groupmate's full tensors (CPU copies) for callers that need more than the mean."""
-        return self._run_step(key=f"{key}.gather", expected=expected, tensors=list(tensors), weight=1.0, gather=True)
+        like = list(tensors)
 
-    def _run_step(self, *, key, expected, tensors, weight, gather) -> Tuple[StepReport, Any]:
+        async def exchange(key, members, traffic):
+            payload = await self._gather(key, members, like, traffic)
+            lost = tuple(m.index for m in members if m.index != self.options.index and m.index not in payload)
+            return lost, "" if payload else "no group-mate's tensors arrived", payload
+
+        return self._run_step(key=f"{key}.gather", expected=expected, exchange=exchange)
+
+    def _run_step(self, *, key, expected, exchange, required=frozenset()) -> Tuple[StepReport, Any]:
         """One step with a deadline; a step that raises is reported as failed and leaves the tensors alone."""
+        me = self.options.index
+        rank = sorted(expected | {me}).index(me)  # keeps this peer on its scheduled path through the groups
+        aborted = (StepReport(members=(me,), rank=rank), {})
+        return self._guarded(key, self._step(key=key, expected=expected, exchange=exchange, required=required),
+                             aborted)
+
+    def _guarded(self, key: str, coro, aborted: Tuple[StepReport, Any]) -> Tuple[StepReport, Any]:
         if not self.network.daemon_alive():
+            coro.close()
             raise NetworkDown("this peer's p2pd has exited")
         try:
-            return self.network.run(
-                self._step(key=key, expected=expected, tensors=tensors, weight=weight, gather=gather),
-                timeout=self._step_timeout(),
-            )
+            return self.network.run(coro, timeout=self._step_timeout())
         except (AveragingError, TimeoutError, OSError, RuntimeError, ValueError) as e:
             if not self.network.daemon_alive():
                 raise NetworkDown("this peer's p2pd has exited") from e
             logger.warning("group %s: step aborted, local values kept: %r", key, e)
-            me = self.options.index
-            rank = sorted(expected | {me}).index(me)  # keeps this peer on its scheduled path through the groups
-            return StepReport(members=(me,), rank=rank, failed=True, reason=f"step aborted: {e!r}"), {}
+            report = aborted[0]
+            report.failed, report.reason = True, f"step aborted: {e!r}"
+            return aborted
 
     def _step_timeout(self) -> float:
         opts = self.options

@@ -1,7 +1,10 @@
 """One round's aggregation pipeline, as small pluggable objects.
 
 An aggregator takes the peer's model and momentum plus the round's participants and leaves them aggregated in
-place. :class:`MarAveraging` is the base; :class:`KnowledgeDistillation` wraps an aggregator and distils from
+place. :class:`MarAveraging` is the base; the paper's baselines run in the same runtime, on the same tensors and
+with the same byte accounting: :class:`AllToAllAveraging` (RDFL: everyone exchanges with everyone),
+:class:`ServerAveraging` (FedAvg: a server peer, star topology) and :class:`GossipAveraging` (k random
+neighbours per round). :class:`KnowledgeDistillation` wraps an aggregator and distils from
 group-mates before handing over to it; :class:`DifferentialPrivacy` wraps an aggregator and makes sure that
 the model leaves the peer only as a clipped, noised update and the momentum not at all. ``make_aggregator``
 stacks them from the flags — never an integer "use case".
@@ -17,7 +20,15 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tupl
 import numpy as np
 import torch
 
-from moshpit_all_reduce import MarReport, MarSchedule, MoshpitAverager, moshpit_all_reduce, moshpit_steps
+from moshpit_all_reduce import (
+    MarReport,
+    MarSchedule,
+    MoshpitAverager,
+    gossip_readers,
+    gossip_sources,
+    moshpit_all_reduce,
+    moshpit_steps,
+)
 
 
 @dataclass
@@ -70,20 +81,96 @@ class Aggregator(Protocol):
         ...
 
 
-class MarAveraging:
-    """Plain Moshpit All-Reduce of the trainable parameters, their momentum and any extras in one exchange."""
+def exchanged_tensors(ctx: AggregationContext) -> List[torch.Tensor]:
+    """What every aggregation algorithm averages: the trainable parameters, their momentum and the extras."""
+    return [p.data for p in ctx.params] + list(ctx.momentum) + list(ctx.extra)
 
-    def aggregate(self, ctx: AggregationContext) -> AggregationResult:
-        tensors: List[torch.Tensor] = [p.data for p in ctx.params] + list(ctx.momentum) + list(ctx.extra)
-        report = moshpit_all_reduce(ctx.averager, tensors, participants=ctx.participants,
-                                    round_index=ctx.round_index, schedule=ctx.schedule, weight=ctx.weight)
-        return AggregationResult(report=report)
 
+class _Stateless:
     def state_dict(self) -> Dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         pass
+
+
+class MarAveraging(_Stateless):
+    """Plain Moshpit All-Reduce of the trainable parameters, their momentum and any extras in one exchange."""
+
+    def aggregate(self, ctx: AggregationContext) -> AggregationResult:
+        report = moshpit_all_reduce(ctx.averager, exchanged_tensors(ctx), participants=ctx.participants,
+                                    round_index=ctx.round_index, schedule=ctx.schedule, weight=ctx.weight)
+        return AggregationResult(report=report)
+
+
+class AllToAllAveraging(_Stateless):
+    """RDFL, the paper's O(N²) baseline: each participant fetches every other participant's full tensors and
+    averages them all (the exact mean, like a full MAR grid) — (M − 1) models sent and received per peer."""
+
+    def aggregate(self, ctx: AggregationContext) -> AggregationResult:
+        ctx.averager.begin_round(ctx.round_index)
+        key = ctx.averager.group_key(round_index=ctx.round_index, step=0, bucket=0, tag="rdfl")
+        step = ctx.averager.average_all(exchanged_tensors(ctx), key=key, expected=frozenset(ctx.participants))
+        return AggregationResult(report=MarReport(steps=[step]))
+
+
+class ServerAveraging(_Stateless):
+    """FedAvg, the centralised baseline: every participant sends its tensors to the server peer (index ``N``,
+    started by the launcher, no data of its own), which averages them and sends the mean back — one model up
+    and one down per client, ``M`` each way at the server."""
+
+    def __init__(self, *, server: int):
+        """:param server: the server peer's index (``--np``: one past the last client)"""
+        self.server = server
+
+    def aggregate(self, ctx: AggregationContext) -> AggregationResult:
+        ctx.averager.begin_round(ctx.round_index)
+        step = ctx.averager.average_via_server(exchanged_tensors(ctx), key=fedavg_key(ctx.averager, ctx.round_index),
+                                               expected=frozenset(ctx.participants), server=self.server)
+        return AggregationResult(report=MarReport(steps=[step]))
+
+
+def fedavg_key(averager: MoshpitAverager, round_index: int) -> str:
+    return averager.group_key(round_index=round_index, step=0, bucket=0, tag="fedavg")
+
+
+def server_tensors(cfg: Any, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Zeros shaped like what a FedAvg client sends (``exchanged_tensors``): parameters and momentum, or with DP
+    the released parameters, the smoothed deltas and the clip indicator (the momentum stays on the client)."""
+    zeros = [torch.zeros(p.shape, dtype=torch.float32) for p in params]
+    if cfg.dp:
+        return zeros + [torch.zeros(p.shape, dtype=torch.float32) for p in params] + [torch.zeros(1)]
+    return zeros + [torch.zeros(p.shape, dtype=torch.float32) for p in params]
+
+
+class GossipAveraging(_Stateless):
+    """Gossip (P2PFL-style): each round every participant averages with ``k`` random live participants — a fresh
+    random ring from ``(seed, round)``, each peer pulling the models of the ``k`` after it (so each also serves
+    ``k``). With ``staleness``, a model not trained for ``s`` rounds weighs ``1 / (1 + s)``."""
+
+    def __init__(self, *, seed: int, peers: int, staleness: bool,
+                 last_trained: Optional[Callable[[int, int], Optional[int]]] = None):
+        """:param seed: the run's seed (the rings derive from it)
+        :param peers: ``k``, the neighbours each peer pulls from per round
+        :param staleness: weigh models by how recently their peer trained
+        :param last_trained: ``(peer, round) → the last round ≤ round it trained in`` (None: never)
+        """
+        self.seed, self.peers, self.staleness, self.last_trained = seed, peers, staleness, last_trained
+
+    def weight(self, peer: int, round_index: int) -> float:
+        if not self.staleness or self.last_trained is None:
+            return 1.0
+        last = self.last_trained(peer, round_index)
+        return 1.0 / (1 + (round_index if last is None else round_index - last))
+
+    def aggregate(self, ctx: AggregationContext) -> AggregationResult:
+        ctx.averager.begin_round(ctx.round_index)
+        sources = gossip_sources(ctx.participants, seed=self.seed, round_index=ctx.round_index, k=self.peers)
+        readers = gossip_readers(sources)
+        key = ctx.averager.group_key(round_index=ctx.round_index, step=0, bucket=0, tag="gossip")
+        step = ctx.averager.gossip(exchanged_tensors(ctx), key=key, sources=sources[ctx.peer],
+                                   readers=readers[ctx.peer], weight_of=lambda p: self.weight(p, ctx.round_index))
+        return AggregationResult(report=MarReport(steps=[step]))
 
 
 # ==================== knowledge distillation ====================
@@ -224,10 +311,25 @@ class DifferentialPrivacy:
         self.inner.load_state_dict(state["inner"])
 
 
+def base_aggregator(cfg: Any) -> Aggregator:
+    """``--aggregation``: MAR, or one of the paper's baselines on the same tensors."""
+    if cfg.aggregation == "rdfl":
+        return AllToAllAveraging()
+    if cfg.aggregation == "fedavg":
+        return ServerAveraging(server=cfg.num_peers)
+    if cfg.aggregation == "gossip":
+        from peer_synchronization import last_trained_round
+
+        return GossipAveraging(seed=cfg.seed, peers=cfg.gossip_peers, staleness=cfg.gossip_weighting == "staleness",
+                               last_trained=lambda peer, r: last_trained_round(
+                                   peer, r, seed=cfg.seed, num_peers=cfg.num_peers, update_percent=cfg.update_percent))
+    return MarAveraging()
+
+
 def make_aggregator(cfg: Any, *, initial_params: Sequence[torch.Tensor], kd_rounds: int) -> Aggregator:
     """The aggregation pipeline for a run configuration: averaging, wrapped by KD or DP as asked (the config
     refuses both at once: distillation would train the shared model on raw data after the DP step)."""
-    aggregator: Aggregator = MarAveraging()
+    aggregator = base_aggregator(cfg)
     if cfg.kd:
         aggregator = KnowledgeDistillation(aggregator, KdSettings(
             rounds=kd_rounds, no_blending=cfg.kd_no_blending, use_all=cfg.kd_all_candidates, private=cfg.dp,

@@ -77,6 +77,16 @@ def update_participants(*, seed: int, round_index: int, num_peers: int, update_p
     return _sample(seed, round_index, _SALT_UPDATE, num_peers, update_percent)
 
 
+def last_trained_round(peer: int, round_index: int, *, seed: int, num_peers: int, update_percent: float,
+                       horizon: int = 1000) -> Optional[int]:
+    """The last round ``<= round_index`` in which ``peer`` ran local SGD (``--up``), looking back at most
+    ``horizon`` rounds (None: not within them) — for gossip's staleness weights, known to every peer."""
+    for r in range(round_index, max(0, round_index - horizon), -1):
+        if peer in update_participants(seed=seed, round_index=r, num_peers=num_peers, update_percent=update_percent):
+            return r
+    return None
+
+
 def aggregation_participants(
     *,
     seed: int,

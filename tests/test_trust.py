@@ -114,11 +114,11 @@ def test_strangers_get_no_model_and_cannot_join_an_exchange(closed_run):
     async def register():
         from hivemind.compression import serialize_torch_tensor
 
-        from moshpit_all_reduce import _Traffic
+        from moshpit_all_reduce import SharedTensors, _Traffic
 
         chunks.append(serialize_torch_tensor(secret_model))
         await averager.servicer.register(averager.servicer.shared, group_id,
-                                         (chunks, _Traffic(), frozenset(m.peer_id for m in members)))
+                                         SharedTensors(chunks, _Traffic(), frozenset(m.peer_id for m in members)))
 
     member.run(register(), timeout=30)
 
