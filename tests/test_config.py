@@ -176,3 +176,25 @@ def test_main_restores_the_signal_handlers_it_installs(monkeypatch, tmp_path):
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--aggregation", "ring"], "--aggregation"),
+    (["--aggregation", "fedavg", "--kd"], "--kd"),
+    (["--aggregation", "gossip", "--dp"], "--dp"),
+    (["--aggregation", "gossip", "--gossip-peers", "0"], "--gossip-peers"),
+    (["--gossip-peers", "3"], "--gossip-peers"),
+    (["--gossip-weighting", "staleness"], "--gossip-weighting"),
+])
+def test_baseline_combinations_that_mean_nothing_are_refused(argv, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_config([*argv, "--wandb", "disabled"])
+
+
+def test_baselines_compose_with_dp_where_the_accountant_holds():
+    for aggregation in ("mar", "rdfl", "fedavg"):
+        cfg = parse_config(["--aggregation", aggregation, "--dp", "--nm", "0.5", "--np", "16", "--wandb", "disabled"])
+        assert cfg.aggregation == aggregation and cfg.dp
+    cfg = parse_config(["--aggregation", "gossip", "--gossip-peers", "3", "--gossip-weighting", "staleness",
+                        "--wandb", "disabled"])
+    assert (cfg.gossip_peers, cfg.gossip_weighting) == (3, "staleness")
