@@ -282,3 +282,35 @@ def test_launcher_notice_counts_the_rounds_aggregators():
     assert group_size_notice(parse_config(["--np", "125", "--gs", "4", "--gk", "4", "--wandb", "disabled"])) is None
     ref = parse_config(["--np", "125", "--gs", "4", "--gk", "3", "--grouping", "reference", "--wandb", "disabled"])
     assert group_size_notice(ref) is None
+
+
+def test_reference_grouping_with_real_peers_keeps_holes(tmp_path, data_dir, no_new_p2pd):
+    """4 peers, half of them aggregate: under --grouping reference they meet in the groups of the global grid,
+    so a peer whose grid-mate sits the round out averages alone (not a failure); only aggregators evaluate."""
+    from peer_synchronization import aggregation_participants
+    from test_e2e import launch, read_metrics
+
+    run_dir = tmp_path / "reference"
+    # a peer that sat a round out races ahead and waits for its group-mate, who may still be evaluating: on a
+    # loaded machine that takes longer than the helper's 30 s
+    proc = launch(run_dir, data_dir, "--grouping", "reference", "--ap", "50", "--up", "50", "--test-peers",
+                  "aggregators", "--matchmaking-timeout", "180", rounds=3)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    records = [json.loads(line) for i in range(4) for line in open(run_dir / "peers" / f"peer_{i:04d}.jsonl")]
+    for row in rows:
+        participants = sorted(aggregation_participants(seed=3, round_index=row["round"], num_peers=4,
+                                                       update_percent=50, aggregate_percent=50, dropout_percent=0))
+        plan = ours_reference(4, 2, 2, participants, 2)
+        expected = sum(len(g) ** 2 for step in plan for g in step.values()) / (len(participants) * 2)
+        assert row["participating_peers"] == 2 and row["failed_steps"] == 0 and row["mar_steps"] == 4
+        assert row["avg_group_size"] == expected < 2  # packed would pair the two: 2.0
+        tested = [r for r in records if r["round"] == row["round"] and "test_count" in r]
+        if row["round"] in (2, 3):  # --tf 2 and the last round: the two aggregators split the test set
+            assert sorted(r["peer"] for r in tested) == participants
+            assert sum(r["test_count"] for r in tested) == 10000 and row["test_accuracy"] is not None
+        else:
+            assert not tested and row["test_accuracy"] is None
+    assert "Traceback" not in err
