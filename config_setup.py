@@ -29,6 +29,9 @@ DEVICES = ("cpu", "cuda")
 COMPRESSIONS = ("none", "fp16", "8bit")
 AGGREGATIONS = ("mar", "rdfl", "fedavg", "gossip")
 GOSSIP_WEIGHTINGS = ("equal", "staleness")
+GROUPINGS = ("packed", "reference")  # moshpit_all_reduce.GROUPINGS (not imported here: it loads torch)
+TEST_PEERS = ("all", "aggregators")
+TEST_SPLITS = ("iid", "dirichlet")
 WANDB_MODES = ("online", "offline", "disabled")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ITERATION_MODES = {"0": "batches", "1": "passes", "batches": "batches", "passes": "passes"}
@@ -58,6 +61,7 @@ class RunConfig:
     aggregate_percent: float = 100.0
     dropout_percent: float = 0.0
     compression: str = "none"
+    grouping: str = "packed"  # packed: re-packed by position; reference: keyed on the global index (holes)
     matchmaking_timeout: float = 60.0
     allreduce_timeout: float = 30.0
     max_failed_percent: float = 5.0  # a run whose failed MAR steps exceed this share ends "degraded"
@@ -75,7 +79,10 @@ class RunConfig:
     split: str = "iid"
     dirichlet_alpha: float = 1.0
     test_every: int = 5
+    test_peers: str = "all"  # aggregators: only the round's aggregators evaluate, the test set split among them
+    test_split: str = "iid"  # dirichlet: each peer tests on a share of the test set with its own label mix
     target_accuracy: float = 0.0
+    accuracy_targets: Tuple[float, ...] = ()  # summary: round and time each of these accuracies was first reached
     convergence_threshold: float = 1e-3
     patience: int = 0
     # knowledge distillation / differential privacy
@@ -182,6 +189,10 @@ def _flags_moshpit_all_reduce(p: argparse.ArgumentParser, d: RunConfig) -> None:
     _flag(g, "dl", "dropout", dest="dropout_percent", type=float, default=d.dropout_percent,
           help="percent chance that an aggregating peer drops out of a round (simulated churn)")
     g.add_argument("--compression", choices=COMPRESSIONS, default=d.compression, help="wire compression")
+    g.add_argument("--grouping", choices=GROUPINGS, default=d.grouping,
+                   help="packed: each round's participants are packed by position into full groups; reference: "
+                        "groups keyed on the global peer index as the published reference (absent peers leave "
+                        "holes, down to peers averaging alone)")
     g.add_argument("--matchmaking-timeout", type=float, default=d.matchmaking_timeout,
                    help="seconds a group waits for missing members")
     g.add_argument("--allreduce-timeout", type=float, default=d.allreduce_timeout,
@@ -216,12 +227,29 @@ def _flags_training(p: argparse.ArgumentParser, d: RunConfig) -> None:
     _flag(g, "al", "dirichlet-alpha", dest="dirichlet_alpha", type=float, default=d.dirichlet_alpha,
           help="Dirichlet alpha for --sp dirichlet")
     _flag(g, "tf", "test-every", dest="test_every", type=int, default=d.test_every, help="test every N rounds")
+    g.add_argument("--test-peers", choices=TEST_PEERS, default=d.test_peers,
+                   help="who evaluates in a test round: all peers (each its slice of the test set), or only the "
+                        "round's aggregators (the test set split among them)")
+    g.add_argument("--test-split", choices=TEST_SPLITS, default=d.test_split,
+                   help="iid: disjoint slices of the test set; dirichlet (with --sp dirichlet): each peer's share "
+                        "of the test set follows its training partition's label mix")
     g.add_argument("--target-acc", dest="target_accuracy", type=float, default=d.target_accuracy,
                    help="stop once test accuracy (percent) reaches this; 0 = never stop early")
+    g.add_argument("--accuracy-targets", type=_percent_list, default=d.accuracy_targets, metavar="P,P,...",
+                   help="test accuracies (percent, comma-separated) whose first round and elapsed seconds "
+                        "summary.json reports (accuracy_targets); they never stop the run")
     _flag(g, "cd", "convergence-threshold", dest="convergence_threshold", type=float,
           default=d.convergence_threshold, help="minimum test-loss improvement that counts, with --patience")
     g.add_argument("--patience", type=int, default=d.patience,
                    help="stop when the test loss has not improved by --cd for this many rounds; 0 = off")
+
+
+def _percent_list(text: str) -> Tuple[float, ...]:
+    """``"50,90"`` → ``(50.0, 90.0)`` (the range is checked by :func:`validate`)."""
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated percents such as 50,90, got {_short(text)!r}")
 
 
 def _flags_knowledge_distillation(p: argparse.ArgumentParser, d: RunConfig) -> None:
@@ -320,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mar_fl.py",
         description="MAR-FL: serverless federated learning with Moshpit All-Reduce over libp2p.",
         formatter_class=_HelpFormatter,
+        allow_abbrev=False,  # --matchmaking 5 is an error, not --matchmaking-timeout 5; aliases are spelled out
     )
     _flags_general_hardware(p, d)
     _flags_moshpit_all_reduce(p, d)
@@ -360,6 +389,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.split in SPLITS, f"--sp must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
     _check(cfg.iteration_mode in ("batches", "passes"), f"--im must be batches or passes, got {cfg.iteration_mode!r}")
     _check(cfg.compression in COMPRESSIONS, f"--compression must be one of {', '.join(COMPRESSIONS)}")
+    _check(cfg.grouping in GROUPINGS, f"--grouping must be one of {', '.join(GROUPINGS)}, got {cfg.grouping!r}")
     _check(cfg.wandb_mode in WANDB_MODES + (None,), f"--wandb must be one of {', '.join(WANDB_MODES)}")
     _check(cfg.log_level in LOG_LEVELS, f"--log-level must be one of {', '.join(LOG_LEVELS)}")
     _check(0 <= cfg.seed < INT_LIMIT, f"-sd must be in [0, 2^63), got {_short(cfg.seed, 30)}")
@@ -378,6 +408,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.dirichlet_alpha > 0, f"--al must be positive, got {cfg.dirichlet_alpha:g}")
     _check(cfg.test_every >= 1, f"--tf must be at least 1, got {cfg.test_every}")
     _check(0 <= cfg.target_accuracy <= 100, f"--target-acc must be in [0, 100], got {cfg.target_accuracy:g}")
+    _validate_evaluation(cfg)
     _check(cfg.convergence_threshold >= 0, f"--cd must be >= 0, got {cfg.convergence_threshold:g}")
     _check(cfg.patience >= 0, f"--patience must be >= 0, got {cfg.patience}")
     for flag, seconds in (("--matchmaking-timeout", cfg.matchmaking_timeout),
@@ -414,6 +445,8 @@ def _validate_aggregation(cfg: RunConfig) -> None:
     _check(cfg.aggregation == "gossip" or (cfg.gossip_peers == RunConfig.gossip_peers
                                            and cfg.gossip_weighting == RunConfig.gossip_weighting),
            "--gossip-peers and --gossip-weighting need --aggregation gossip")
+    _check(cfg.aggregation == "mar" or cfg.grouping == "packed",
+           f"--grouping chooses Moshpit groups: it needs --aggregation mar, not {cfg.aggregation}")
     _check(cfg.aggregation == "mar" or not cfg.kd,
            f"--kd distils from Moshpit group-mates (MKD): it needs --aggregation mar, not {cfg.aggregation}")
     _check(cfg.aggregation != "gossip" or not cfg.dp,
@@ -452,6 +485,21 @@ def _validate_participation(cfg: RunConfig) -> None:
                f"{flag} {percent:g} selects no peer out of --np {cfg.num_peers}: "
                f"need {flag} >= {100 / cfg.num_peers:g}")
     _check(0 <= cfg.dropout_percent < 100, f"--dl must be in [0, 100), got {cfg.dropout_percent:g}")
+
+
+def _validate_evaluation(cfg: RunConfig) -> None:
+    _check(cfg.test_peers in TEST_PEERS, f"--test-peers must be one of {', '.join(TEST_PEERS)}, got {cfg.test_peers!r}")
+    _check(cfg.test_split in TEST_SPLITS, f"--test-split must be one of {', '.join(TEST_SPLITS)}, "
+                                          f"got {cfg.test_split!r}")
+    _check(cfg.test_split != "dirichlet" or cfg.split == "dirichlet",
+           f"--test-split dirichlet follows the training partitions' label mix: it needs --sp dirichlet, got --sp "
+           f"{cfg.split}")
+    targets = cfg.accuracy_targets
+    for target in targets:
+        _check(math.isfinite(target) and 0 < target <= 100,
+               f"--accuracy-targets must be percents in (0, 100], got {target:g}")
+    _check(len(set(targets)) == len(targets),
+           f"--accuracy-targets lists a target twice: {','.join(f'{t:g}' for t in targets)}")
 
 
 def _check_ip(flag: str, value: str, *, concrete: bool) -> None:
@@ -540,7 +588,7 @@ RESUMABLE = {"rounds", "max_runtime_hours", "wandb_mode", "wandb_project", "wand
              "wandb_tags", "wandb_job_type", "log_level", "initial_peers",
              "peer_range", "host", "announce_host", "nat_port_map", "startup_timeout", "ckpt_every",
              "shm_warn_percent", "data_dir", "matchmaking_timeout", "allreduce_timeout", "peers_per_core",
-             "max_failed_percent", "restart_dead", "rejoin"}
+             "max_failed_percent", "restart_dead", "rejoin", "accuracy_targets"}
 
 
 def _resume_config(args: argparse.Namespace, given: Set[str], env: Optional[Dict[str, str]]) -> RunConfig:
@@ -596,9 +644,13 @@ def _typed(key: str, value: Any) -> Any:
     if base in (int, str, bool) and type(value) is base:
         return value
     pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value)
-    if get_origin(base) is tuple and pair:
+    if get_origin(base) is tuple and get_args(base)[1:] != (Ellipsis,) and pair:
         return tuple(value)
-    raise ConfigError(f"{key} must be {getattr(base, '__name__', 'a pair of integers')}, got {_short(repr(value))}")
+    numbers = isinstance(value, (list, tuple)) and all(type(v) in (int, float) for v in value)
+    if get_origin(base) is tuple and get_args(base) == (float, Ellipsis) and numbers:
+        return tuple(float(v) for v in value)
+    kind = "a list of numbers" if get_args(base)[1:] == (Ellipsis,) else "a pair of integers"
+    raise ConfigError(f"{key} must be {getattr(base, '__name__', kind)}, got {_short(repr(value))}")
 
 
 _FIELD_TYPES = get_type_hints(RunConfig)
@@ -767,6 +819,8 @@ def run_name(cfg: RunConfig) -> str:
         parts.insert(2, f"u{cfg.update_percent:g}")
     if cfg.split == "dirichlet":
         parts.append(f"niid{cfg.dirichlet_alpha:g}")
+    if cfg.grouping != "packed":
+        parts.append(cfg.grouping)
     if cfg.kd:
         parts.append(f"kd{cfg.kd_dataset_passes}" + ("nb" if cfg.kd_no_blending else "")
                      + ("ac" if cfg.kd_all_candidates else ""))

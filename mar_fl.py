@@ -80,6 +80,26 @@ def should_test(cfg: RunConfig, round_index: int, last_round: int) -> bool:
     return round_index % cfg.test_every == 0 or round_index == last_round
 
 
+def round_test_indices(cfg: RunConfig, own: "np.ndarray", *, peer: int, participants: Sequence[int],
+                       num_test: int) -> Optional["np.ndarray"]:
+    """The test samples ``peer`` evaluates in a test round; None: it does not evaluate (a pure decision).
+
+    ``--test-peers all``: every peer, on its own share ``own`` (an ``eval_slice``, or its label-matched share with
+    ``--test-split dirichlet``). ``aggregators``: only the round's aggregators (``participants``, the same on every
+    peer: derived from (seed, round)); with ``--test-split iid`` they split the whole test set among themselves
+    by position, so the round's accuracy is still over the whole test set; with ``dirichlet`` each evaluates its
+    own share, so it is over the union of the aggregators' shares.
+    """
+    from ml_tasks import eval_slice
+
+    if cfg.test_peers == "all":
+        return own
+    ordered = sorted(participants)
+    if peer not in ordered:
+        return None
+    return own if cfg.test_split == "dirichlet" else eval_slice(num_test, ordered.index(peer), len(ordered))
+
+
 def stale_after_seconds(cfg: RunConfig) -> float:
     """How long a round may wait for a silent peer before the launcher reports it without that peer."""
     return 2 * cfg.matchmaking_timeout + 3 * cfg.allreduce_timeout + 60
@@ -106,7 +126,7 @@ class PeerRuntime:
     :param task: the ML task (model, batches, training and evaluation)
     :param prepared: what the launcher prepared for the task once per host (JSON-able)
     :param train: this peer's view of the training set (its partition is drawn from it)
-    :param test: the test set; ``test_idx`` is this peer's disjoint slice of it
+    :param test: the test set; ``test_idx`` is this peer's disjoint share of it (``own_test_indices``)
     :param num_batches: mini-batches per round for a training peer
     :param averager: this peer's MAR engine (group formation + all-reduce over its network)
     :param aggregator: the aggregation pipeline (MAR averaging, optionally KD and DP around it)
@@ -248,12 +268,23 @@ def _init_peer_state(cfg: RunConfig, task, prepared: Dict[str, Any], train, inde
     return PeerState(index=index, model=model, momentum=momentum, order=order)
 
 
+def own_test_indices(cfg: RunConfig, train, test, index: int) -> "np.ndarray":
+    """Peer ``index``'s share of the test set: a fixed slice (``--test-split iid``), or with ``dirichlet`` a share
+    whose label mix follows its training partition's. The shares of all peers cover the test set once."""
+    from ml_tasks import dirichlet_partition, eval_slice, label_matched_test_partition
+
+    if cfg.test_split != "dirichlet":
+        return eval_slice(len(test), index, cfg.num_peers)
+    parts = dirichlet_partition(train.labels, cfg.num_peers, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+    return label_matched_test_partition(test.labels, train.labels, parts, seed=cfg.seed)[index]
+
+
 def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, device: str,
              prepared: Dict[str, Any], resume_round: int = 0, rejoin: bool = False) -> None:
     import torch
 
     from config_setup import kd_rounds_for, mini_batches_per_round
-    from ml_tasks import eval_slice, get_task
+    from ml_tasks import get_task
     from moshpit_all_reduce import AveragerOptions, MarSchedule, MoshpitAverager
     from peer_aggregation_logic import make_aggregator
     from peer_synchronization import barrier
@@ -266,12 +297,13 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
         matchmaking_timeout=cfg.matchmaking_timeout, allreduce_timeout=cfg.allreduce_timeout,
         num_peers=process_count(cfg)))
     rt = PeerRuntime(task=task, prepared=prepared, train=train, test=test,
-                     test_idx=eval_slice(len(test), index, cfg.num_peers),
+                     test_idx=own_test_indices(cfg, train, test, index),
                      num_batches=mini_batches_per_round(cfg, num_samples=len(train)), averager=averager,
                      aggregator=make_aggregator(cfg, initial_params=task.trainable(state.model),
                                                 kd_rounds=kd_rounds_for(cfg, num_samples=len(train))),
                      device=torch.device(device),
-                     schedule=MarSchedule(cfg.group_size, cfg.group_key_dim, cfg.mar_steps))
+                     schedule=MarSchedule(cfg.group_size, cfg.group_key_dim, cfg.mar_steps,
+                                          grouping=cfg.grouping, num_peers=cfg.num_peers))
     if resume_round:
         load_checkpoint(checkpoint_path(run_dir, index, resume_round), state, rt.aggregator, device=device)
     if rejoin:
@@ -443,8 +475,10 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
     aggregated = time.time()
     # a run stopped for good is evaluated at its last round; a cut one is not (it resumes as if never cut)
     last_round = cfg.rounds if state.preempted else min(cfg.rounds, state.stop_after or cfg.rounds)
-    if should_test(cfg, round_index, last_round):
-        record.update(evaluate(rt.task, state.model, data=rt.test, indices=rt.test_idx, device=rt.device))
+    test_idx = round_test_indices(cfg, rt.test_idx, peer=state.index, participants=participants,
+                                  num_test=len(rt.test))
+    if should_test(cfg, round_index, last_round) and test_idx is not None:
+        record.update(evaluate(rt.task, state.model, data=rt.test, indices=test_idx, device=rt.device))
     record.update(train_seconds=trained - started, aggregation_seconds=aggregated - trained,
                   round_seconds=time.time() - started, t_end=time.time())
     state.round_index = round_index
@@ -1014,6 +1048,31 @@ class StopPolicy:
         return loss is None or self.patience <= 0 or row["round"] - self.best_loss_round < self.patience
 
 
+def accuracy_targets_reached(rows: Sequence[Dict[str, Any]],
+                             targets: Sequence[float]) -> Dict[str, Dict[str, Optional[float]]]:
+    """For each target accuracy (percent): the first round whose pooled test accuracy reached it and that
+    round's ``elapsed_seconds`` (both None if never): ``{"50": {"round": 12, "seconds": 80.5}, ...}``."""
+    reached = {}
+    for target in targets:
+        hit = next((r for r in rows if r.get("test_accuracy") is not None and r["test_accuracy"] >= target), None)
+        reached[f"{target:g}"] = {"round": hit["round"] if hit else None,
+                                  "seconds": hit.get("elapsed_seconds") if hit else None}
+    return reached
+
+
+def group_size_notice(cfg: RunConfig) -> Optional[str]:
+    """The start-up warning when ``--gk`` caps the packed buckets so that groups outgrow ``--gs`` (else None)."""
+    from moshpit_all_reduce import group_size_warning
+
+    if cfg.aggregation != "mar":  # the baselines form no MAR groups
+        return None
+    members = min(cfg.num_peers, int(cfg.num_peers * cfg.aggregate_percent / 100))
+    who = f"--np {cfg.num_peers}" + (f" --ap {cfg.aggregate_percent:g} ({members} aggregators)"
+                                     if members < cfg.num_peers else "")
+    return group_size_warning(members, cfg.group_size, cfg.group_key_dim, cfg.mar_steps, grouping=cfg.grouping,
+                              who=who)
+
+
 def _percent(value: Optional[float]) -> str:
     return "—" if value is None else f"{value:.2f}%"
 
@@ -1258,6 +1317,7 @@ class Launcher:
             "wall_seconds": time.time() - self.started,
             "rounds_to_target": hit["round"] if hit else None,
             "seconds_to_target": hit["elapsed_seconds"] if hit else None,
+            "accuracy_targets": accuracy_targets_reached(self.history, self.cfg.accuracy_targets),
             "median_round_seconds": _median([r["round_seconds"] for r in self.history]),
             "mean_bytes_sent_per_peer": _mean([r["bytes_sent_per_peer"] for r in self.history]),
             "failed_steps": failed, "mar_steps": total,
@@ -1588,6 +1648,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     status, code = "completed", EXIT_FAILED
     try:
         print(f"MAR-FL run dir: {run_dir}", flush=True)
+        notice = group_size_notice(cfg) if primary else None
+        if notice:
+            print(notice, file=sys.stderr, flush=True)
         status, code = launcher.run()
     except PeerStopped:
         status, code = "interrupted", EXIT_INTERRUPTED

@@ -78,6 +78,40 @@ def eval_slice(num_test: int, peer: int, num_peers: int) -> np.ndarray:
     return np.arange(peer * num_test // num_peers, (peer + 1) * num_test // num_peers)
 
 
+def label_matched_test_partition(test_labels: np.ndarray, train_labels: np.ndarray,
+                                 train_parts: Sequence[np.ndarray], *, seed: int) -> List[np.ndarray]:
+    """One disjoint share of the test set per peer whose label mix follows the peer's training partition
+    (``--test-split dirichlet``): the test samples of class ``c`` go to the peers in proportion to the training
+    samples of class ``c`` each one holds (largest remainders; a seeded shuffle within each class decides which).
+    The shares cover the test set exactly once; a class no peer trains on is shared equally.
+
+    :param test_labels: the test set's labels (non-negative integers)
+    :param train_labels: the training set's labels
+    :param train_parts: each peer's training indices (e.g. :func:`dirichlet_partition`)
+    """
+    test_labels, train_labels = np.asarray(test_labels), np.asarray(train_labels)
+    num_classes = int(max(test_labels.max(initial=-1), train_labels.max(initial=-1))) + 1
+    held = np.stack([np.bincount(train_labels[part], minlength=num_classes) for part in train_parts])
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7E57]))
+    shares: List[List[np.ndarray]] = [[] for _ in train_parts]
+    for c in range(num_classes):
+        idx = np.flatnonzero(test_labels == c)
+        rng.shuffle(idx)
+        counts = _largest_remainders(held[:, c] if held[:, c].sum() else np.ones(len(train_parts)), len(idx))
+        for peer, chunk in enumerate(np.split(idx, np.cumsum(counts)[:-1])):
+            shares[peer].append(chunk)
+    return [np.sort(np.concatenate(chunks)) for chunks in shares]
+
+
+def _largest_remainders(weights: np.ndarray, total: int) -> np.ndarray:
+    """``total`` split in proportion to ``weights`` into integers (ties go to the lower index)."""
+    quotas = np.asarray(weights, dtype=np.float64) * total / np.sum(weights)
+    counts = np.floor(quotas).astype(np.int64)
+    extra = np.argsort(-(quotas - counts), kind="stable")[: total - int(counts.sum())]
+    counts[extra] += 1
+    return counts
+
+
 @dataclass
 class BatchOrder:
     """Seeded per-peer reshuffling with a cursor, so a round continues where the last one stopped."""

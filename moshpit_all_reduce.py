@@ -12,6 +12,13 @@ exact global mean. For any other ``M`` the same two rules apply, with no special
 buckets start balanced (sizes differ by at most one) and, because ``G <= M // gs``, no group is smaller than
 ``gs`` when all are present, so nobody averages alone. What that buys in mixing is measured by
 :func:`mixing_error` (README table; e.g. N=125, gs=4, ni=4: max deviation 1.5 % of the initial spread).
+When ``M > gs ** gk`` the cap on buckets makes groups larger than ``gs`` (:func:`group_size_warning`).
+
+That is ``--grouping packed`` (the default). ``--grouping reference`` (:class:`ReferenceGrouping`) keys groups on
+the *global* peer index among all ``N`` peers, exactly as the published reference: under partial participation
+and dropout the absent peers leave holes, so groups can be smaller than ``gs``, down to a peer alone. Both are a
+:class:`Grouping` (a first key per peer, the next key from the key and the rank held); :func:`plan_groups`
+simulates either, and :func:`moshpit_steps` walks the keys with the ranks a peer actually had.
 
 Why ``AllReduceRunner`` and not ``DecentralizedAverager``
 --------------------------------------------------------
@@ -24,12 +31,27 @@ average (all-gather), so every member sends and receives about ``2 (M - 1) / M``
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
+from typing import (
+    Any,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Dict,
+    FrozenSet,
+    Hashable,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 import numpy as np
 import torch
@@ -79,20 +101,177 @@ def next_bucket(bucket: int, rank: int, group_size: int, n_groups: int) -> int:
     return (bucket * group_size + rank) % n_groups
 
 
-def simulate_schedule(num_members: int, group_size: int, key_dim: int, steps: int) -> List[Dict[int, List[int]]]:
-    """Groups of every step when all ``num_members`` participants are present: ``[{bucket: [positions]}]``."""
-    n_groups = num_groups(num_members, group_size, key_dim)
-    buckets = [initial_bucket(p, num_members, n_groups) for p in range(num_members)]
-    schedule: List[Dict[int, List[int]]] = []
+def max_group_size(num_members: int, group_size: int, key_dim: int, steps: int) -> int:
+    """The largest ``packed`` group in ``steps`` MAR steps when all ``num_members`` take part: ``ceil(M / G)``
+    in the first step, sometimes a few more later; above ``gs`` when ``M > gs ** gk`` caps the buckets."""
+    return max(len(group) for step in simulate_schedule(num_members, group_size, key_dim, steps)
+               for group in step.values())
+
+
+def key_dim_for(num_members: int, group_size: int) -> int:
+    """The smallest ``gk`` with ``gs ** gk >= M``: enough buckets for groups of (about) ``gs``."""
+    key_dim = 1
+    while group_size**key_dim < num_members:
+        key_dim += 1
+    return key_dim
+
+
+def group_size_warning(num_members: int, group_size: int, key_dim: int, steps: int, *, grouping: str = "packed",
+                       who: str = "") -> Optional[str]:
+    """One line when ``packed`` groups of ``num_members`` outgrow ``--gs`` because ``--gk`` caps the buckets
+    (``M > gs ** gk``); else None. The reference grouping never makes groups above ``gs``.
+
+    :param steps: MAR steps per round (``--ni``)
+    :param who: how the message names the members (default ``--np M``)
+    """
+    if grouping != "packed" or num_members <= group_size**key_dim:
+        return None
+    better = key_dim_for(num_members, group_size)
+    size = max_group_size(num_members, group_size, key_dim, steps)
+    fixed = max_group_size(num_members, group_size, better, steps)
+    keeps = f"keeps them at {group_size}" if fixed == group_size else f"keeps them at {group_size}-{fixed}"
+    return (f"warning: {who or f'--np {num_members}'} with --gs {group_size} --gk {key_dim} makes groups of up to "
+            f"{size} peers (not {group_size}); --gk {better} {keeps}")
+
+
+GROUPINGS = ("packed", "reference")
+
+
+class Grouping(Protocol):
+    """How one round's peers find their group in every MAR step: ``start`` gives a peer's first key,
+    ``advance`` its next one from the key it held and its rank (position by peer index) in the group it
+    actually met. A group is the set of the round's participants holding equal keys."""
+
+    def start(self, peer: int) -> Hashable:
+        ...
+
+    def advance(self, key: Hashable, rank: int) -> Hashable:
+        ...
+
+
+@dataclass(frozen=True)
+class PackedGrouping:
+    """The round's participants re-packed by position into ``G`` balanced buckets (module docstring).
+
+    :param participants: the round's participants, ascending
+    """
+
+    participants: Tuple[int, ...]
+    group_size: int
+    key_dim: int
+
+    @property
+    def n_groups(self) -> int:
+        return num_groups(len(self.participants), self.group_size, self.key_dim)
+
+    def start(self, peer: int) -> int:
+        position = bisect.bisect_left(self.participants, peer)
+        if position == len(self.participants) or self.participants[position] != peer:
+            raise AveragingError(f"peer {peer} is not among this round's participants")
+        return initial_bucket(position, len(self.participants), self.n_groups)
+
+    def advance(self, key: Hashable, rank: int) -> int:
+        return next_bucket(key, rank, self.group_size, self.n_groups)
+
+
+@dataclass(frozen=True)
+class ReferenceGrouping:
+    """The published reference's keys, on the *global* peer index among all ``num_peers`` peers: whoever does
+    not take part leaves a hole, so groups may be smaller than ``gs`` (down to one peer, who averages alone).
+
+    ``N = gs ** gk``: the key is peer ``i``'s ``gk - 1`` leading base-``gs`` digits and slides (drop the first,
+    append the rank). Any other ``N``: a bucket ``i // gs`` of ``G = ceil(N / gs)`` and a phase, packed into
+    ``gk - 1`` coordinates as the reference did; bucket ``b`` with rank ``r`` moves to ``(b + alpha * r) mod G``
+    with ``alpha`` from the reference's schedule (its own choices for N = 125 with gs 4 / gk 3 and gs 3 / gk 4,
+    else the smallest odd number co-prime to ``G``).
+    """
+
+    num_peers: int
+    group_size: int
+    key_dim: int
+
+    @property
+    def full_grid(self) -> bool:
+        return self.num_peers == self.group_size**self.key_dim
+
+    @property
+    def n_buckets(self) -> int:
+        return -(-self.num_peers // self.group_size)
+
+    def start(self, peer: int) -> Tuple[int, ...]:
+        if not 0 <= peer < self.num_peers:
+            raise AveragingError(f"peer {peer} is outside 0-{self.num_peers - 1}")
+        gs, gk = self.group_size, self.key_dim
+        if self.full_grid:
+            return tuple(peer // gs ** (gk - 1 - digit) % gs for digit in range(gk - 1))
+        return self._pack(peer // gs, 0)
+
+    def advance(self, key: Hashable, rank: int) -> Tuple[int, ...]:
+        key = tuple(key)
+        if self.full_grid:
+            return key[1:] + (rank,)
+        phase = key[-1] if self.key_dim - 1 >= 2 else 0
+        alphas = self._alphas(phase)
+        return self._pack((key[0] + alphas[phase % len(alphas)] * rank) % self.n_buckets, (phase + 1) % len(alphas))
+
+    def _alphas(self, phase: int) -> Tuple[int, ...]:
+        special = {(4, 3, 125): (1, 5), (3, 4, 125): (1, 5, 11)}
+        alphas = special.get((self.group_size, self.key_dim, self.num_peers))
+        if alphas is not None:
+            return alphas
+        alpha = 2 * phase + 1
+        while math.gcd(alpha, self.n_buckets) != 1:
+            alpha += 2
+        return (alpha,)
+
+    def _pack(self, bucket: int, phase: int) -> Tuple[int, ...]:
+        """``[bucket]``, ``[bucket, phase]``, or ``[bucket, 0, ..., 0, phase]`` for ``gk - 1`` = 1, 2, more
+        coordinates (``gk = 1`` packs like "more", with no zeros between: the reference's layout)."""
+        dims = self.key_dim - 1
+        return (bucket,) if dims == 1 else (bucket,) + (0,) * max(0, dims - 2) + (phase,)
+
+
+def make_grouping(name: str, *, participants: Sequence[int], group_size: int, key_dim: int,
+                  num_peers: int) -> Grouping:
+    """The ``--grouping`` rule for one round.
+
+    :param participants: the round's participants (peer indices)
+    :param num_peers: all peers of the run (``--np``): the reference keys on the global index among them
+    """
+    if name == "packed":
+        return PackedGrouping(tuple(sorted(participants)), group_size, key_dim)
+    if name == "reference":
+        if num_peers < 1:
+            raise ValueError("the reference grouping needs the run's number of peers")
+        return ReferenceGrouping(num_peers, group_size, key_dim)
+    raise ValueError(f"unknown grouping {name!r}; choose from {', '.join(GROUPINGS)}")
+
+
+def plan_groups(grouping: Grouping, participants: Sequence[int], steps: int) -> List[Dict[Hashable, List[int]]]:
+    """Groups of every step when all ``participants`` are present: ``[{key: [peer indices, ascending]}]``."""
+    ordered = sorted(participants)
+    keys = {peer: grouping.start(peer) for peer in ordered}
+    schedule: List[Dict[Hashable, List[int]]] = []
     for _ in range(steps):
-        groups: Dict[int, List[int]] = {}
-        for position, bucket in enumerate(buckets):
-            groups.setdefault(bucket, []).append(position)
+        groups: Dict[Hashable, List[int]] = {}
+        for peer in ordered:
+            groups.setdefault(keys[peer], []).append(peer)
         schedule.append(groups)
-        for bucket, members in groups.items():
-            for rank, position in enumerate(members):
-                buckets[position] = next_bucket(bucket, rank, group_size, n_groups)
+        for key, members in groups.items():
+            for rank, peer in enumerate(members):
+                keys[peer] = grouping.advance(key, rank)
     return schedule
+
+
+def group_label(key: Hashable) -> str:
+    """A key as it appears in the DHT group key: ``3`` (packed bucket), ``3_0_1`` (reference coordinates)."""
+    return "_".join(map(str, key)) if isinstance(key, tuple) else str(key)
+
+
+def simulate_schedule(num_members: int, group_size: int, key_dim: int, steps: int) -> List[Dict[int, List[int]]]:
+    """Packed groups of every step when all ``num_members`` participants are present: ``[{bucket: [positions]}]``."""
+    members = tuple(range(num_members))
+    return plan_groups(PackedGrouping(members, group_size, key_dim), members, steps)
 
 
 def mixing_error(values: np.ndarray, group_size: int, key_dim: int, steps: int) -> float:
@@ -663,8 +842,9 @@ class MoshpitAverager:
 
     # ---------- matchmaking ----------
 
-    def group_key(self, *, round_index: int, step: int, bucket: int, tag: str = "avg") -> str:
-        return f"{self.options.prefix}.{tag}.r{round_index}.s{step}.g{bucket}"
+    def group_key(self, *, round_index: int, step: int, bucket: Hashable, tag: str = "avg") -> str:
+        """The DHT key of one group: ``bucket`` is its grouping key (``g3`` packed, ``g3_0_1`` reference)."""
+        return f"{self.options.prefix}.{tag}.r{round_index}.s{step}.g{group_label(bucket)}"
 
     async def _form_group(self, key: str, expected: FrozenSet[int], deadline: float) -> List[_Member]:
         """Declare ourselves under ``key``; the lowest declared index publishes the final list, all obey it.
@@ -1146,9 +1326,18 @@ class MarReport:
 
 @dataclass(frozen=True)
 class MarSchedule:
+    """How a round's MAR runs: ``num_steps`` steps in groups of about ``group_size``.
+
+    :param grouping: ``packed`` (participants re-packed by position) or ``reference`` (keys on the global index
+        among ``num_peers``, as the published reference: holes and singletons under partial participation)
+    :param num_peers: all peers of the run (``--np``); the reference grouping needs it
+    """
+
     group_size: int
     key_dim: int
     num_steps: int
+    grouping: str = "packed"
+    num_peers: int = 0
 
 
 def moshpit_steps(
@@ -1162,24 +1351,25 @@ def moshpit_steps(
 ) -> MarReport:
     """Walk this peer through the round's MAR groups; ``run_step(key, expected)`` does the in-group exchange.
 
-    Averaging and the all-gather of knowledge distillation share this walk, so both meet the same groups.
+    Averaging and the all-gather of knowledge distillation share this walk, so both meet the same groups. The
+    walk follows the groups this peer actually met (its rank in them), the plan only says whom to expect.
     """
     ordered = sorted(participants)
     me = averager.options.index
     if me not in ordered:
         raise AveragingError(f"peer {me} is not among this round's participants")
     averager.begin_round(round_index)
-    gs, gk = schedule.group_size, schedule.key_dim
-    plan = simulate_schedule(len(ordered), gs, gk, schedule.num_steps)
-    n_groups = num_groups(len(ordered), gs, gk)
-    bucket = initial_bucket(ordered.index(me), len(ordered), n_groups)
+    grouping = make_grouping(schedule.grouping, participants=ordered, group_size=schedule.group_size,
+                             key_dim=schedule.key_dim, num_peers=schedule.num_peers)
+    plan = plan_groups(grouping, ordered, schedule.num_steps)
+    group = grouping.start(me)
     report = MarReport()
     for step in range(schedule.num_steps):
-        expected = frozenset(ordered[p] for p in plan[step].get(bucket, [])) | {me}
-        key = averager.group_key(round_index=round_index, step=step, bucket=bucket, tag=tag)
+        expected = frozenset(plan[step].get(group, [])) | {me}
+        key = averager.group_key(round_index=round_index, step=step, bucket=group, tag=tag)
         result = run_step(key, expected)
         report.steps.append(result)
-        bucket = next_bucket(bucket, result.rank, gs, n_groups)
+        group = grouping.advance(group, result.rank)
     return report
 
 

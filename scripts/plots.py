@@ -32,7 +32,7 @@ logger = logging.getLogger("mar_fl.plots")
 IGNORED_KEYS = frozenset({
     "seed", "run_dir", "data_dir", "initial_peers", "peer_range", "host", "announce_host", "nat_port_map",
     "startup_timeout", "ckpt_every", "resume", "shm_warn_percent", "news_cache_dir", "max_runtime_hours",
-    "max_failed_percent", "log_level"})
+    "max_failed_percent", "log_level", "accuracy_targets"})
 IGNORED_PREFIXES = ("wandb",)  # wandb_mode, wandb_project, wandb_entity, wandb_group, ...
 FORMATS = ("png", "svg")
 MB = 1e6

@@ -198,3 +198,104 @@ def test_baselines_compose_with_dp_where_the_accountant_holds():
     cfg = parse_config(["--aggregation", "gossip", "--gossip-peers", "3", "--gossip-weighting", "staleness",
                         "--wandb", "disabled"])
     assert (cfg.gossip_peers, cfg.gossip_weighting) == (3, "staleness")
+
+
+@pytest.mark.parametrize("argv", [["--aggregation-p", "50"], ["--matchmaking", "5"], ["--group", "4"],
+                                  ["--test-p", "aggregators"], ["--accuracy", "50"], ["--seed=4", "--num", "4"]])
+def test_flag_prefixes_are_not_accepted(argv):
+    with pytest.raises(ConfigError) as err:
+        parse_config(argv + ["--wandb", "disabled"])
+    assert argv[-2] in str(err.value)
+
+
+def test_every_flag_name_and_alias_still_works():
+    from config_setup import _percent_list, build_parser
+
+    parser = build_parser()
+    checked = 0
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        sample = action.choices[0] if action.choices else "50" if action.type in (int, float, _percent_list) else "x"
+        for name in action.option_strings:
+            args = vars(parser.parse_args([name] if action.nargs == 0 else [name, sample]))
+            expected = action.const if action.nargs == 0 else (action.type or str)(sample)
+            assert args[action.dest] == expected, name
+            checked += 1
+    assert checked > 80  # short names, long aliases and the single-dash -sd
+
+
+def test_cli_refuses_an_abbreviated_flag(tmp_path, no_new_p2pd):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mar_fl.py"), "--matchmaking", "5", "--run-dir",
+                           str(tmp_path / "run"), "--wandb", "disabled"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--matchmaking" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_grouping_and_evaluation_flags():
+    cfg = parse_config(["--wandb", "disabled"])
+    assert (cfg.grouping, cfg.test_peers, cfg.test_split, cfg.accuracy_targets) == ("packed", "all", "iid", ())
+    cfg = parse_config(["--grouping", "reference", "--test-peers", "aggregators", "--sp", "dirichlet",
+                        "--test-split", "dirichlet", "--accuracy-targets", "50,97.5", "--wandb", "disabled"])
+    assert (cfg.grouping, cfg.test_peers, cfg.test_split) == ("reference", "aggregators", "dirichlet")
+    assert cfg.accuracy_targets == (50.0, 97.5)
+    assert "reference" in os.path.basename(cfg.run_dir)  # two runs that differ only in grouping get two names
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--grouping", "random"], "--grouping"),
+    (["--test-peers", "some"], "--test-peers"),
+    (["--test-split", "dirichlet"], "--test-split"),  # needs --sp dirichlet
+    (["--test-split", "label"], "--test-split"),
+    (["--accuracy-targets", "0"], "--accuracy-targets"),
+    (["--accuracy-targets", "101"], "--accuracy-targets"),
+    (["--accuracy-targets", "nan"], "--accuracy-targets"),
+    (["--accuracy-targets", "50,x"], "--accuracy-targets"),
+    (["--accuracy-targets", "50,50"], "--accuracy-targets"),
+])
+def test_grouping_and_evaluation_flags_refuse_bad_values(argv, flag):
+    with pytest.raises(ConfigError) as err:
+        parse_config(argv + ["--wandb", "disabled"])
+    assert flag in str(err.value)
+
+
+def test_accuracy_targets_survive_config_json_and_may_change_on_resume(tmp_path):
+    import json
+
+    from config_setup import config_from_json, save_config
+
+    cfg = parse_config(["--np", "4", "--accuracy-targets", "50,90", "--grouping", "reference", "--run-dir",
+                        str(tmp_path), "--wandb", "disabled"])
+    save_config(cfg, str(tmp_path / "config.json"))
+    assert config_from_json(json.loads((tmp_path / "config.json").read_text())) == cfg
+    resumed = parse_config(["--resume", str(tmp_path), "--accuracy-targets", "95"])
+    assert resumed.accuracy_targets == (95.0,) and resumed.grouping == "reference"
+    with pytest.raises(ConfigError, match="--grouping cannot change"):
+        parse_config(["--resume", str(tmp_path), "--grouping", "packed"])
+    with pytest.raises(ConfigError, match="accuracy_targets"):
+        config_from_json({**cfg.to_json(), "accuracy_targets": ["50"]})
+
+
+def test_main_warns_once_when_groups_outgrow_gs(monkeypatch, tmp_path, capsys):
+    import mar_fl
+
+    class FakeLauncher:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self):
+            return "completed", 0
+
+        shutdown = finish_wandb = lambda self, *args: None
+        write_summary = lambda self, status: {"best_test_accuracy": None, "final_test_accuracy": None,  # noqa: E731
+                                              "stop_reason": None, "rounds": 0, "wall_seconds": 0.0,
+                                              "failed_steps": 0, "failed_peers": []}
+
+    cfg = parse_config(["--np", "125", "--gs", "4", "--gk", "3", "--wandb", "disabled", "--run-dir", str(tmp_path)])
+    monkeypatch.setattr(mar_fl, "_pre_start", lambda argv: (cfg, str(tmp_path), {}, True, 0, None))
+    monkeypatch.setattr(mar_fl, "Launcher", FakeLauncher)
+    monkeypatch.setattr(mar_fl, "write_plots", lambda run_dir: None)
+    assert mar_fl.main([]) == 0
+    err = capsys.readouterr().err
+    expected = "warning: --np 125 with --gs 4 --gk 3 makes groups of up to 8 peers (not 4); --gk 4 keeps them at 4-5"
+    assert err.count("warning: ") == 1 and expected in err.splitlines()
