@@ -41,7 +41,7 @@ EXIT_DEGRADED = 3  # finished, but averaging failed too often or a peer died: th
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: cut short by a time limit with every peer checkpointed; resume with --resume
 CHECKPOINTS_KEPT = 3
 MAX_RESTARTS = 3  # per peer, with --restart-dead
-TIMING_KEYS = ("round_seconds", "train_seconds", "aggregation_seconds", "elapsed_seconds")
+TIMING_KEYS = ("round_seconds", "train_seconds", "aggregation_seconds", "elapsed_seconds", "wait_seconds")
 _PRELOAD = ["torch", "torchvision", "hivemind", "ml_tasks", "moshpit_all_reduce", "peer_aggregation_logic",
             "differential_privacy"]
 # per-round keys that only KD / DP runs log: pooled as the mean over aggregating peers, ε as the worst peer's
@@ -446,7 +446,12 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
     from config_setup import learning_rate
     from ml_tasks import evaluate, train_batches
     from peer_aggregation_logic import AggregationContext
-    from peer_synchronization import aggregation_participants, update_participants
+    from peer_synchronization import (
+        aggregation_participants,
+        announce_round_done,
+        round_done_key,
+        update_participants,
+    )
 
     started = time.time()
     lr = learning_rate(cfg, round_index)
@@ -461,7 +466,8 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
         seed=cfg.seed, round_index=round_index, num_peers=cfg.num_peers, update_percent=cfg.update_percent,
         aggregate_percent=cfg.aggregate_percent, dropout_percent=cfg.dropout_percent)
     record["participating_peers"] = len(participants)
-    if state.index in participants:
+    aggregating = state.index in participants
+    if aggregating:
         ctx = AggregationContext(averager=rt.averager, task=rt.task, model=state.model, momentum=state.momentum,
                                  participants=sorted(participants), round_index=round_index,
                                  schedule=rt.schedule, local_batches=_kd_batches(cfg, state, rt, round_index),
@@ -473,6 +479,9 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
                       mar_steps=len(result.report.steps), failed_steps=result.report.failed_steps,
                       timed_out_steps=result.report.timed_out_steps)
     aggregated = time.time()
+    if aggregating:
+        announce_round_done(rt.averager.network, round_done_key(rt.averager.options.prefix, round_index),
+                            me=state.index)
     # a run stopped for good is evaluated at its last round; a cut one is not (it resumes as if never cut)
     last_round = cfg.rounds if state.preempted else min(cfg.rounds, state.stop_after or cfg.rounds)
     test_idx = round_test_indices(cfg, rt.test_idx, peer=state.index, participants=participants,
@@ -480,9 +489,28 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
     if should_test(cfg, round_index, last_round) and test_idx is not None:
         record.update(evaluate(rt.task, state.model, data=rt.test, indices=test_idx, device=rt.device))
     record.update(train_seconds=trained - started, aggregation_seconds=aggregated - trained,
-                  round_seconds=time.time() - started, t_end=time.time())
+                  round_seconds=time.time() - started)
+    if not aggregating:  # idle time, not part of the round: its model does not change while it waits
+        record["wait_seconds"] = _sit_out(cfg, state, rt, round_index, participants)
+    record["t_end"] = time.time()
     state.round_index = round_index
     return record
+
+
+def _sit_out(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: int, participants) -> float:
+    """A peer that does not aggregate this round waits for those who do (``--matchmaking-timeout`` without
+    progress at most), instead of running ahead into groups whose members are still busy; returns the seconds."""
+    from peer_synchronization import round_done_key, wait_for_round
+
+    waited = wait_for_round(
+        rt.averager.network, round_done_key(rt.averager.options.prefix, round_index), me=state.index,
+        participants=participants, round_index=round_index, num_peers=cfg.num_peers,
+        running=lambda: {i: beat.round for i, beat in rt.averager.read_heartbeats().items()},
+        patience=cfg.matchmaking_timeout)
+    if waited.pending:
+        logger.warning("peer %d: round %d: gave up waiting for aggregating peers %s after %.1f s", state.index,
+                       round_index, sorted(waited.pending), waited.seconds)
+    return waited.seconds
 
 
 # ==================== checkpoints ====================
@@ -664,6 +692,10 @@ def summarize_round(records: Sequence[Dict[str, Any]], run_start: float) -> Dict
     mean = lambda xs: (sum(xs) / len(xs)) if xs else None  # noqa: E731
     trained = [r["train_loss"] for r in records if "train_loss" in r]
     aggregated = [r for r in records if "bytes_sent" in r]
+    # the round lasts as long as its slowest working peer (trained, aggregated or tested) worked; a peer that sat
+    # the round out waited for the aggregating peers, and that wait (wait_seconds) is not in its round_seconds
+    worked = [r for r in records if {"train_loss", "bytes_sent", "test_count"} & r.keys()] or records
+    waited = [r["wait_seconds"] for r in records if "wait_seconds" in r]
     tested = [r for r in records if "test_count" in r]
     count = sum(r["test_count"] for r in tested)
     optional = {key: mean([r[key] for r in aggregated if key in r]) for key in MEAN_KEYS}
@@ -683,10 +715,11 @@ def summarize_round(records: Sequence[Dict[str, Any]], run_start: float) -> Dict
         "bytes_sent_per_peer": mean([r["bytes_sent"] for r in aggregated]) or 0,
         "bytes_received_per_peer": mean([r["bytes_received"] for r in aggregated]) or 0,
         "avg_group_size": mean([r["group_size"] for r in aggregated]) or 0,
-        "round_seconds": max(r["round_seconds"] for r in records),  # the slowest peer sets the pace
-        "train_seconds": mean([r["train_seconds"] for r in records]),
-        "aggregation_seconds": mean([r["aggregation_seconds"] for r in records]),
+        "round_seconds": max(r["round_seconds"] for r in worked),  # the slowest working peer sets the pace
+        "train_seconds": mean([r["train_seconds"] for r in records if "train_loss" in r]) or 0.0,
+        "aggregation_seconds": mean([r["aggregation_seconds"] for r in aggregated]) or 0.0,
         "elapsed_seconds": max(r["t_end"] for r in records) - run_start,
+        **({"wait_seconds": mean(waited)} if waited else {}),
         **{key: value for key, value in optional.items() if value is not None},
         **({"server_bytes_sent": server[0]["server_bytes_sent"],
             "server_bytes_received": server[0]["server_bytes_received"]} if server else {}),
@@ -697,9 +730,9 @@ def summarize_round(records: Sequence[Dict[str, Any]], run_start: float) -> Dict
 class MetricsCollector:
     """Tails ``peers/peer_*.jsonl`` and emits each round once every live peer has reported it.
 
-    Peers that sit a round out race ahead, so "somebody is already further" proves nothing; a round is given up
-    on only when its missing peers are known dead or it has waited ``stale_after`` seconds (a remote peer that
-    hangs must not stall the report forever).
+    A peer that sits a round out can still be ahead (its wait for the round has a deadline), so "somebody is
+    already further" proves nothing; a round is given up on only when its missing peers are known dead or it has
+    waited ``stale_after`` seconds (a remote peer that hangs must not stall the report forever).
     """
 
     run_dir: str

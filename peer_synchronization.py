@@ -13,6 +13,9 @@ Three concerns live here, none of which touches tensors:
   the bootstrap node would never reach its group-mates on another host.
 * **Barriers**: one DHT key per barrier with one subkey per arrival, polled until everybody expected is there
   or the deadline passes; the caller learns who arrived.
+* **Sitting a round out**: a peer that does not aggregate in a round waits until the round's aggregating peers
+  have said they are done (one DHT key per round, one subkey per peer), so that it never runs ahead into groups
+  whose other members are still busy with an earlier round.
 """
 from __future__ import annotations
 
@@ -25,7 +28,21 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Collection, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple, TypeVar
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Collection,
+    Dict,
+    FrozenSet,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+)
 
 import numpy as np
 
@@ -701,3 +718,114 @@ def barrier(
     """Synchronous wrapper of :func:`async_barrier`; returns the indices that arrived before the deadline."""
     coro = async_barrier(network.dht, key, me=me, expected=list(expected), timeout=timeout)
     return network.run(coro, timeout=timeout + 30)
+
+
+# ==================== sitting a round out ====================
+# A peer that does not aggregate in a round has nothing to wait for in it. Were it to go straight on, it would
+# declare itself in next round's groups while their other members are still averaging this round (or several
+# rounds back, if it sits out again): its matchmaking deadline would count from its early arrival, the wait would
+# show as its round's duration, and past the deadline it would leave its group-mates averaging alone. So it waits
+# here, as a peer that aggregates waits for its group-mates: until every aggregating peer of the round that still
+# runs has said it is done, or until the round stops making progress for ``patience`` seconds.
+
+DONE_POLL_DELAYS = (0.05, 0.2)  # first and largest pause between two reads of a round's done record
+RUNNING_READ_EVERY = 1.0  # liveness records change every few seconds: read them at most this often
+
+
+@dataclass(frozen=True)
+class RoundWait:
+    """How a wait for a round's aggregating peers ended."""
+
+    seconds: float
+    pending: FrozenSet[int]  # aggregating peers still at work when the wait gave up (empty: the round finished)
+
+
+def round_done_key(prefix: str, round_index: int) -> str:
+    """One key per round; each aggregating peer adds its index as a subkey once its aggregation is over."""
+    return f"{prefix}.done.r{round_index}"
+
+
+def announce_round_done(network: PeerNetwork, key: str, *, me: int, ttl: float = 600.0) -> None:
+    """Publish our done subkey without waiting for the store (it must not delay our next round); a failure is
+    logged: peers that wait for us then stop at their deadline, or when our liveness record names a later round."""
+
+    def report(future) -> None:
+        failure = None if future.cancelled() else future.exception()
+        if failure is not None or (not future.cancelled() and future.result() is False):
+            logger.warning("round done record %s not stored: %r", key, failure)
+
+    future = asyncio.run_coroutine_threadsafe(publish(network.dht, key, str(me), True, ttl=ttl), network.loop)
+    future.add_done_callback(report)
+
+
+def parse_done(record: Mapping[str, Any], num_peers: int) -> FrozenSet[int]:
+    """The indices in a round's done record: digit subkeys below ``num_peers`` whose value is ``True``."""
+    return frozenset(i for sub, value in record.items()
+                     if value is True and (i := _barrier_index(sub, num_peers)) is not None)
+
+
+def still_working(*, participants: Collection[int], done: Collection[int], running: Optional[Mapping[int, int]],
+                  round_index: int) -> FrozenSet[int]:
+    """The aggregating peers of ``round_index`` that a peer sitting the round out still waits for (pure).
+
+    :param participants: the round's aggregating peers
+    :param done: those that published their done subkey
+    :param running: index -> round named by each unexpired liveness record (a peer's newest aggregation round);
+        None when unknown, then everybody not done counts as working
+    :param round_index: the round waited for
+    :return: participants not done whose liveness record exists and names no later round (a peer whose record
+        expired is gone; one whose record names a later round is past this one even if its done record was lost)
+    """
+    pending = frozenset(participants) - frozenset(done)
+    if running is None:
+        return pending
+    return frozenset(i for i in pending if i in running and running[i] <= round_index)
+
+
+def wait_for_round(network: PeerNetwork, key: str, *, me: int, participants: Collection[int], round_index: int,
+                   num_peers: int, running: Callable[[], Mapping[int, int]], patience: float) -> RoundWait:
+    """Poll a round's done record until :func:`still_working` is empty or ``patience`` seconds pass without a new
+    participant finishing (so the wait ends at the latest ``(len(participants) + 1) * patience`` after it began).
+
+    :param network: this peer's network runtime
+    :param key: the round's done key (:func:`round_done_key`)
+    :param me: this peer's index (its own liveness record must be in a ``running`` read for the read to count)
+    :param participants: the round's aggregating peers
+    :param round_index: the round waited for
+    :param num_peers: peer indices on the wire lie below this
+    :param running: reads the liveness records (index -> round); may raise
+    :param patience: seconds without progress after which the wait gives up
+    """
+    started = time.monotonic()
+    deadline, delay = started + patience, DONE_POLL_DELAYS[0]
+    done: FrozenSet[int] = frozenset()
+    alive: Optional[Mapping[int, int]] = None
+    alive_read = -math.inf
+    while True:
+        now = time.monotonic()
+        if now - alive_read >= RUNNING_READ_EVERY:
+            alive, alive_read = _read_running(running, me), now
+        try:
+            seen = parse_done(network.run(read_subkeys(network.dht, key), timeout=DHT_RPC_TIMEOUT), num_peers)
+        except Exception as e:  # noqa: BLE001 - read again until the deadline
+            logger.debug("done record %s unreadable: %r", key, e)
+            seen = frozenset()
+        if seen - done:  # progress: the round is still moving, give the others as long again
+            deadline = time.monotonic() + patience
+        done |= seen
+        pending = still_working(participants=participants, done=done, running=alive, round_index=round_index)
+        now = time.monotonic()
+        if not pending or now >= deadline:
+            return RoundWait(seconds=now - started, pending=pending)
+        time.sleep(min(delay, deadline - now))
+        delay = min(delay * 1.5, DONE_POLL_DELAYS[1])
+
+
+def _read_running(running: Callable[[], Mapping[int, int]], me: int) -> Optional[Mapping[int, int]]:
+    """The liveness view, or None when it cannot be trusted (the read failed or lacks our own record)."""
+    try:
+        view = running()
+    except Exception as e:  # noqa: BLE001 - without a view we wait for everybody not done
+        logger.debug("liveness read failed: %r", e)
+        return None
+    return view if me in view else None

@@ -391,7 +391,8 @@ def _line_plot(groups: Sequence[Group], labels: Sequence[str], key: str, *, vs_t
 
 def _time_split_plot(groups: Sequence[Group], labels: Sequence[str]):
     """Per configuration a panel of stacked bars per round: train, aggregate, and the rest of the round (test,
-    and waiting for the slowest peer: round_seconds is the slowest peer's, train/aggregate the peers' mean)."""
+    and waiting for the slowest peer: round_seconds is the slowest working peer's, train/aggregate the mean over
+    the peers that trained / aggregated; a peer that sat the round out is not in them, its idle wait neither)."""
     fig = _new_figure(9.0, 2.8 * len(groups) + 0.8)
     for index, (group, label) in enumerate(zip(groups, labels), 1):
         ax = fig.add_subplot(len(groups), 1, index)

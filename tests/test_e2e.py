@@ -127,13 +127,68 @@ def test_peers_stop_when_the_launcher_is_killed(tmp_path, data_dir, no_new_p2pd)
                 os.kill(pid, signal.SIGKILL)
 
 
+def peer_records(run_dir):
+    """``{round: [record, ...]}`` from the peers' own files."""
+    rounds = {}
+    for name in sorted(os.listdir(run_dir / "peers")):
+        with open(run_dir / "peers" / name) as f:
+            for line in f:
+                rec = json.loads(line)
+                rounds.setdefault(rec["round"], []).append(rec)
+    return rounds
+
+
+def assert_idle_peers_waited_for_the_round(run_dir, participants_of):
+    """A peer that did not aggregate in a round left it only after every aggregating peer of the round was done
+    (it did not run ahead into the next round's groups), and its idle wait is reported apart from its round."""
+    for rnd, records in peer_records(run_dir).items():
+        participants = participants_of(rnd)
+        # an aggregating peer announces that it is done right after this instant (t_start + train + aggregation)
+        done = max((r["t_start"] + r["train_seconds"] + r["aggregation_seconds"] for r in records
+                    if r["peer"] in participants), default=0.0)
+        for r in records:
+            if r["peer"] in participants:
+                assert "wait_seconds" not in r
+            else:
+                assert r["t_end"] >= done - 1e-3, (rnd, r["peer"])
+                assert r["wait_seconds"] >= 0.0
+                assert r["round_seconds"] + r["wait_seconds"] <= r["t_end"] - r["t_start"] + 1e-3
+        working = [r["round_seconds"] for r in records if {"train_loss", "bytes_sent", "test_count"} & r.keys()]
+        row = next(row for row in read_metrics(run_dir) if row["round"] == rnd)
+        assert row["round_seconds"] == max(working)
+        assert ("wait_seconds" in row) == (len(participants) < len(records))
+
+
+@pytest.mark.parametrize("up, ap", [(50, 50), (100, 50)], ids=["same-peers", "train-without-aggregating"])
+def test_peers_that_sit_a_round_out_do_not_run_ahead(tmp_path, data_dir, no_new_p2pd, up, ap):
+    """--up 50 --ap 50 (and --ap below --up): peers that do not aggregate in a round wait until the round's
+    aggregating peers are done, so no group waits for members still busy with an earlier round: no matchmaking
+    runs into its deadline, no step fails, and the idle wait is recorded apart (wait_seconds), not as round time."""
+    from peer_synchronization import aggregation_participants
+
+    run_dir = tmp_path / "sitout"
+    proc = launch(run_dir, data_dir, "--up", str(up), "--ap", str(ap), "--matchmaking-timeout", "120", rounds=5)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-2000:]
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == list(range(1, 6))
+    assert all(r["timed_out_steps"] == 0 and r["failed_steps"] == 0 for r in rows)
+    assert all(r["participating_peers"] == 2 and r["reporting_peers"] == 4 for r in rows)
+    participants_of = lambda rnd: aggregation_participants(  # noqa: E731
+        seed=3, round_index=rnd, num_peers=4, update_percent=up, aggregate_percent=ap, dropout_percent=0)
+    assert_idle_peers_waited_for_the_round(run_dir, participants_of)
+    assert all("wait_seconds" in r for r in rows)  # two of four peers sit out every round
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["failed_peers"] == []
+
+
 def test_partial_participation_and_churn_agree_without_messages(tmp_path, data_dir, no_new_p2pd):
     """--up/--ap/--dl: every peer derives the same sets from (seed, round); the metrics show exactly those."""
     from peer_synchronization import aggregation_participants
 
     run_dir = tmp_path / "partial"
     proc = launch(run_dir, data_dir, "--up", "50", "--ap", "50", "--dl", "20", "--sp", "dirichlet", "--al", "0.5",
-                  rounds=6)
+                  "--matchmaking-timeout", "120", rounds=6)  # a long deadline: idle peers never give up waiting
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     rows = read_metrics(run_dir)
@@ -143,6 +198,8 @@ def test_partial_participation_and_churn_agree_without_messages(tmp_path, data_d
                                             aggregate_percent=50, dropout_percent=20)
         assert row["participating_peers"] == len(expected)
         assert row["reporting_peers"] == 4  # peers that sit out still report (and evaluate)
+    assert_idle_peers_waited_for_the_round(run_dir, lambda rnd: aggregation_participants(
+        seed=3, round_index=rnd, num_peers=4, update_percent=50, aggregate_percent=50, dropout_percent=20))
 
 
 @pytest.mark.parametrize("extra, keys", [

@@ -28,6 +28,25 @@ def test_summarize_pools_test_slices_exactly():
     assert out["elapsed_seconds"] == 6.0
 
 
+def test_round_time_is_the_working_peers_and_the_idle_wait_is_reported_apart():
+    rows = [
+        record(0, 2, train_loss=1.0, bytes_sent=10, bytes_received=10, group_size=2, round_seconds=3.0,
+               train_seconds=1.0, aggregation_seconds=2.0),
+        record(1, 2, train_loss=1.0, bytes_sent=10, bytes_received=10, group_size=2, round_seconds=4.0,
+               train_seconds=1.5, aggregation_seconds=2.5),
+        record(2, 2, round_seconds=0.5, train_seconds=0.0, aggregation_seconds=0.0, wait_seconds=3.0),
+        record(3, 2, round_seconds=9.0, train_seconds=0.0, aggregation_seconds=0.0, wait_seconds=1.0),
+    ]
+    out = summarize_round(rows, run_start=100.0)
+    assert out["round_seconds"] == 4.0  # peer 3's 9 s: a record of a peer that did nothing in the round
+    assert out["train_seconds"] == 1.25 and out["aggregation_seconds"] == 2.25  # means over those who did it
+    assert out["wait_seconds"] == 2.0
+    # a peer that trains without aggregating (--up > --ap), or tests its slice, worked in the round: its time counts
+    for extra in ({"train_loss": 2.0}, {"test_count": 10, "test_correct": 5, "test_loss_sum": 1.0}):
+        assert summarize_round(rows[:3] + [{**rows[3], **extra}], run_start=100.0)["round_seconds"] == 9.0
+    assert "wait_seconds" not in summarize_round(rows[:2], run_start=100.0)
+
+
 def test_collector_waits_for_all_peers_and_skips_partial_lines(tmp_path):
     (tmp_path / "peers").mkdir()
     a, b = tmp_path / "peers" / "peer_0000.jsonl", tmp_path / "peers" / "peer_0001.jsonl"

@@ -3,7 +3,18 @@ import threading
 
 import pytest
 
-from peer_synchronization import NetworkOptions, PeerNetwork, barrier, parse_initial_peers, write_bootstrap_file
+from peer_synchronization import (
+    NetworkOptions,
+    PeerNetwork,
+    announce_round_done,
+    barrier,
+    parse_done,
+    parse_initial_peers,
+    round_done_key,
+    still_working,
+    wait_for_round,
+    write_bootstrap_file,
+)
 
 
 @pytest.fixture
@@ -75,3 +86,42 @@ def test_all_gather_delivers_every_groupmates_full_tensors(networks):
         for j, got in gathered.items():
             assert all(torch.equal(a, b) for a, b in zip(got, tensors[j]))
         assert report.bytes_received > 2 * 300_000 * 4  # two groupmates' big tensors came over the wire
+
+
+def test_still_working_waits_for_running_participants_that_are_not_done():
+    base = dict(participants={1, 3, 5, 7}, done={3}, round_index=4)
+    assert still_working(**base, running=None) == {1, 5, 7}  # no liveness view: everybody not done
+    # 5's record expired (gone), 7's names round 5 (past round 4, its done record lost), 1 is at round 4
+    assert still_working(**base, running={0: 4, 1: 4, 3: 4, 7: 5}) == {1}
+    assert still_working(**base, running={1: 3, 5: 2, 7: 4}) == {1, 5, 7}  # still training / behind
+    assert still_working(participants={2}, done={2}, running=None, round_index=1) == frozenset()
+    assert still_working(participants=(), done=(), running={}, round_index=1) == frozenset()
+
+
+def test_parse_done_is_strict():
+    record = {"0": True, "2": True, "3": False, "4": 1, "-1": True, "07x": True, "9": True, "\u0663": True}
+    assert parse_done(record, num_peers=8) == {0, 2}
+
+
+def test_wait_for_round_ends_when_every_running_participant_is_done(networks):
+    key = round_done_key("waittest", 3)
+    running = lambda: {0: 3, 1: 3, 2: 3}  # noqa: E731
+    for me in (1, 2):
+        announce_round_done(networks[me], key, me=me)
+    waited = wait_for_round(networks[0], key, me=0, participants={1, 2}, round_index=3, num_peers=3,
+                            running=running, patience=60)
+    assert waited.pending == frozenset()
+    # peer 2 never says it is done but is alive at round 3: the wait gives up after `patience` without progress
+    other = round_done_key("waittest", 4)
+    announce_round_done(networks[1], other, me=1)
+    waited = wait_for_round(networks[0], other, me=0, participants={1, 2}, round_index=4, num_peers=3,
+                            running=lambda: {0: 4, 1: 4, 2: 3}, patience=1.0)
+    assert waited.pending == {2} and waited.seconds >= 1.0
+    # once its liveness record is gone (or names a later round) nobody waits for it
+    waited = wait_for_round(networks[0], other, me=0, participants={1, 2}, round_index=4, num_peers=3,
+                            running=lambda: {0: 4, 1: 4}, patience=60)
+    assert waited.pending == frozenset()
+    # a liveness view without our own record is not trusted: wait for everybody not done
+    waited = wait_for_round(networks[0], other, me=0, participants={1, 2}, round_index=4, num_peers=3,
+                            running=lambda: {1: 4}, patience=0.5)
+    assert waited.pending == {2}
