@@ -24,7 +24,8 @@ Every run tests every round (``--tf 1``) and stops once the highest target is re
 Sizes: full N = 16 (gs 4, gk = ni = 2), ``--iv 4``, K = 20, seeds 0–2, MNIST (targets 50, 90 %, at most 60 rounds)
 and 20 Newsgroups (``--ml news --bs 64 --lr 0.1``, targets 50, 60 %, at most 100 rounds); ``--quick`` MNIST only,
 N = 4 (gs 4, gk = ni = 1), ``--iv 4``, K = 2, at most 4 rounds, seed 0. Writes ``table.md``, ``results.json``,
-``rounds_to_target.{png,svg}`` and ``plots/<task>/`` (per-run curves).
+``rounds_to_target.{png,svg}`` and ``plots/<task>/`` (per-run curves); the news runs share one embedding cache in
+``OUT/news_cache``.
 """
 from __future__ import annotations
 
@@ -57,10 +58,12 @@ def variant_flags(variant: str, kd_rounds: int) -> List[str]:
 
 def build_specs(*, tasks: Sequence[str], variants: Sequence[str], seeds: Sequence[int], num_peers: int,
                 iteration_value: int, kd_rounds: int, rounds: Optional[int], targets: Dict[str, List[float]],
-                record_targets: bool) -> List[common.RunSpec]:
+                record_targets: bool, news_cache: str) -> List[common.RunSpec]:
     """One run per (task, variant, seed), tested every round, stopping at the task's highest target.
 
     :param record_targets: pass ``--accuracy-targets`` (the launcher records rounds/seconds to each target)
+    :param news_cache: ``--news-cache-dir`` of the news runs: all of them share one embedding cache (a read-only
+        data dir would otherwise make every run embed the corpus again, ~7 min on 2 cores)
     """
     specs = []
     for task in tasks:
@@ -71,6 +74,7 @@ def build_specs(*, tasks: Sequence[str], variants: Sequence[str], seeds: Sequenc
                          "--rounds", str(rounds or TASKS[task]["rounds"]), "--tf", "1",
                          "--target-acc", f"{max(task_targets):g}", "-sd", str(seed),
                          *variant_flags(variant, kd_rounds)]
+                flags += ["--news-cache-dir", news_cache] if task == "news" else []
                 if record_targets:
                     flags += ["--accuracy-targets", ",".join(f"{t:g}" for t in task_targets)]
                 specs.append(common.RunSpec(name=f"{task}-{variant}-s{seed}", flags=tuple(flags),
@@ -177,7 +181,8 @@ def run(args) -> int:
     specs = build_specs(tasks=tasks, variants=args.variants, seeds=args.seeds or size["seeds"],
                         num_peers=args.np or size["np"], iteration_value=size["iv"],
                         kd_rounds=args.kd_rounds or size["kd_rounds"], rounds=args.rounds or size["rounds"],
-                        targets=targets, record_targets=common.supports_flag("--accuracy-targets"))
+                        targets=targets, record_targets=common.supports_flag("--accuracy-targets"),
+                        news_cache=os.path.abspath(os.path.join(out, "news_cache")))
     results = common.run_all(specs, out=out, data_dir=args.data_dir)
     rows = table_rows(results, targets)
     tables = [(task, markdown(rows, task, targets[task])) for task in tasks]
