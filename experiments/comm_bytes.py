@@ -253,6 +253,8 @@ def build_parser():
 
 
 def run(args) -> int:
+    if args.gs < 2 or args.max_n < 1 or args.gossip_peers < 1:
+        raise common.ExperimentError("--gs must be at least 2, --max-n and --gossip-peers at least 1")
     size = QUICK if args.quick else FULL
     out = common.out_dir(args, "comm_bytes")
     payload = payload_bytes()
@@ -279,6 +281,7 @@ def run(args) -> int:
     tables = [("(b) computed from the schedule (no training)", closed_form_table(closed))]
     if measured:
         tables.insert(0, ("(a) measured (real runs)", measured_table(measured)))
+    notes += [common.QUICK_NOTE] if args.quick else []
     text = common.write_outputs(out, title="Communication per round against N (claim 1)", tables=tables, notes=notes,
                                 results={"experiment": "comm_bytes", "quick": args.quick, "payload_bytes": payload,
                                          "gs": args.gs, "gossip_peers": args.gossip_peers, "measured": measured,

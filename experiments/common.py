@@ -40,6 +40,7 @@ EXIT_USAGE = 2
 MARKER = "experiment.json"  # in each run dir: the flags it ran with and the launcher's exit status
 REUSABLE_STATUSES = ("completed", "diverged")  # a rerun would give the same result; degraded/failed runs rerun
 FIXED_FLAGS = ("--wandb", "disabled")  # experiment runs never log to wandb
+QUICK_NOTE = "`--quick`: sizes for a smoke test (tests, CI); too small to judge the claim: run the full size."
 
 
 class ExperimentError(RuntimeError):
@@ -87,6 +88,8 @@ class RunResult:
 def mar_layout(num_peers: int, group_size: int = 4) -> Tuple[int, int, int]:
     """``(gs, gk, ni)`` for N peers: gk = ni = ⌈log_gs N⌉ (at least 1), so N = gs^gk is the exact grid and other
     N get the README's general rule. Integer arithmetic: no float log rounding at N = gs^k."""
+    if group_size < 2:
+        raise ValueError(f"the MAR group size must be at least 2, got {group_size}")
     key_dim, span = 1, group_size
     while span < num_peers:
         key_dim, span = key_dim + 1, span * group_size
@@ -121,9 +124,10 @@ def list_arg(cast: Callable[[str], Any], choices: Optional[Iterable[str]] = None
             values = parse_list(text, cast)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a comma-separated list of {cast.__name__}: {text!r}") from None
-        bad = [v for v in values if allowed is not None and v not in allowed]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed or [])}, got {text!r}")
+        if not values:
+            raise argparse.ArgumentTypeError("an empty list")
+        if allowed is not None and any(v not in allowed for v in values):
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)}, got {text!r}")
         return values
 
     return parse
@@ -248,7 +252,7 @@ def run_spec(spec: RunSpec, *, out: str, data_dir: str, position: str = "") -> R
     :param data_dir: ``--data-dir`` for ``mar_fl.py``
     :param position: progress prefix such as ``[3/12]``
     """
-    run_dir = os.path.join(out, "runs", spec.name)
+    run_dir = os.path.abspath(os.path.join(out, "runs", spec.name))  # the launcher runs in ROOT, not our cwd
     if reusable(spec, run_dir):
         print(f"{position} {spec.name}: reusing the finished run in {run_dir}", flush=True)
         return load_result(spec, run_dir, int(read_marker(run_dir).get("exit_code", 0)), reused=True)
@@ -257,7 +261,8 @@ def run_spec(spec: RunSpec, *, out: str, data_dir: str, position: str = "") -> R
               flush=True)
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     log_path = os.path.join(out, "logs", f"{spec.name}.log")
-    command = [sys.executable, MAR_FL, *spec.flags, "--run-dir", run_dir, "--data-dir", data_dir, *FIXED_FLAGS]
+    command = [sys.executable, MAR_FL, *spec.flags, "--run-dir", run_dir, "--data-dir", os.path.abspath(data_dir),
+               *FIXED_FLAGS]
     started = time.time()
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(command) + "\n")
@@ -404,10 +409,10 @@ def run_records(results: Sequence[RunResult]) -> List[Dict[str, Any]]:
 def plot_runs(run_dirs: Sequence[str], out: str, *, target: Optional[float] = None) -> bool:
     """Per-run curves with the project's plot command (``mar_fl.py plot RUN_DIR... --out DIR``); a failure is
     a warning (the table is the result), returned as False."""
-    dirs = [d for d in run_dirs if os.path.isfile(os.path.join(d, "metrics.jsonl"))]
+    dirs = [os.path.abspath(d) for d in run_dirs if os.path.isfile(os.path.join(d, "metrics.jsonl"))]
     if not dirs:
         return False
-    command = [sys.executable, MAR_FL, "plot", *dirs, "--out", out]
+    command = [sys.executable, MAR_FL, "plot", *dirs, "--out", os.path.abspath(out)]
     command += ["--target", f"{target:g}"] if target is not None else []
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:

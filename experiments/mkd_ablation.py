@@ -191,6 +191,7 @@ def run(args) -> int:
              "only k of n did; seconds are the launcher's `elapsed_seconds` (KD rounds cost more, on CPU ~4×).",
              "base / variant: the base's mean rounds to the target divided by the variant's (> 1: fewer rounds).",
              *claim_notes(rows, targets)]
+    notes += [common.QUICK_NOTE] if args.quick else []
     text = common.write_outputs(out, title="Rounds to target accuracy: MKD ablation (claim 3)", tables=tables,
                                 notes=notes, results={"experiment": "mkd_ablation", "quick": args.quick,
                                                       "targets": targets, "rows": rows,

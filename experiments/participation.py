@@ -133,6 +133,7 @@ def run(args) -> int:
              "mean ± sample std over seeds; `(k/n)` when only k of n seeds completed.",
              "The drop is against the same method at 100 % participation (mean over its seeds); relative drop = "
              "drop / accuracy at 100 %.", *claim_notes(rows)]
+    notes += [common.QUICK_NOTE] if args.quick else []
     text = common.write_outputs(out, title="Accuracy against participation (claim 2)", tables=[("", markdown(rows))],
                                 notes=notes, results={"experiment": "participation", "quick": args.quick,
                                                       "rows": rows, "runs": common.run_records(results)})

@@ -129,6 +129,7 @@ def run(args) -> int:
              "row, as the README's DP section defines them; accuracy: `final_test_accuracy` / `best_test_accuracy`.",
              "Mean ± sample std over seeds; `(k/n)` when only k of n seeds completed (a diverged run is counted "
              "in the status, not in the means). DP noise comes from OS entropy: runs are not bit-reproducible."]
+    notes += [common.QUICK_NOTE] if args.quick else []
     text = common.write_outputs(out, title="Privacy–utility: DP-MAR-FL and DP-FedAvg (claim 4)",
                                 tables=[("", markdown(rows))], notes=notes,
                                 results={"experiment": "privacy_utility", "quick": args.quick, "rows": rows,
