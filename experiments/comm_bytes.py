@@ -287,9 +287,9 @@ def run(args) -> int:
                                          "gs": args.gs, "gossip_peers": args.gossip_peers, "measured": measured,
                                          "closed_form": closed, "runs": common.run_records(results)})
     plot_summary(closed, measured, out, gs=args.gs)
-    common.plot_runs([r.run_dir for r in results], os.path.join(out, "plots"))
+    plotted = common.plot_runs([r.run_dir for r in results], os.path.join(out, "plots"))
     print(text)
-    print(f"table.md, results.json, bytes_vs_n.png/svg and plots/ written to {out}")
+    print(f"table.md, results.json, bytes_vs_n.png/svg{' and plots/' if plotted else ''} written to {out}")
     return 0
 
 
