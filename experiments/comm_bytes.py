@@ -147,13 +147,16 @@ def measured_rows(results: Sequence[common.RunResult], *, payload: float, gs: in
         ok = [r for r in group if r.rows]
         sent = [common.mean_over_rows(r.rows, "bytes_sent_per_peer") for r in ok]
         received = [common.mean_over_rows(r.rows, "bytes_received_per_peer") for r in ok]
+        server = [common.mean_over_rows(r.rows, "server_bytes_sent") or 0.0 for r in ok]  # fedavg's server
         mean_sent, std_sent, count = common.mean_std(sent)
+        mean_server = common.mean_std(server)[0] or 0.0
         computed = closed_form_bytes(method, n, payload, gs=gs, k=gossip_peers)
         rows.append({
             "method": method, "n": n, "layout": common.mar_layout(n, gs), "runs": len(group),
             "status": common.statuses(group),
             "measured_sent_per_peer": mean_sent, "measured_sent_per_peer_std": std_sent, "measured_runs": count,
-            "measured_received_per_peer": common.mean_std(received)[0],
+            "measured_received_per_peer": common.mean_std(received)[0], "measured_server": mean_server,
+            "measured_total": None if mean_sent is None else mean_sent * n + mean_server,
             "computed_per_peer": computed.per_peer, "computed_server": computed.server,
             "ratio": mean_sent / computed.per_peer if mean_sent is not None and computed.per_peer else None,
             "rounds": [len(r.rows) for r in group],
@@ -178,7 +181,7 @@ def _mb(value: Optional[float], spec: str = ",.2f") -> str:
 
 def measured_table(rows: Sequence[Dict[str, Any]]) -> str:
     head = ["method", "N", "gs/gk/ni", "runs", "measured MB sent/peer/round", "computed MB/peer/round",
-            "measured / computed", "measured MB/round, all peers (× N)", "status"]
+            "measured / computed", "measured MB/round, all peers (+ server)", "status"]
     body = []
     for r in rows:
         measured = r["measured_sent_per_peer"]
@@ -187,7 +190,7 @@ def measured_table(rows: Sequence[Dict[str, Any]]) -> str:
                                                   if r["computed_server"] else "")
         body.append([r["method"], r["n"], "/".join(map(str, r["layout"])), r["runs"], _mb(measured) + spread,
                      computed, "—" if r["ratio"] is None else f"{r['ratio']:.4f}",
-                     _mb(None if measured is None else measured * r["n"]), r["status"]])
+                     _mb(r["measured_total"]), r["status"]])
     return common.markdown_table(head, body)
 
 
@@ -218,8 +221,9 @@ def plot_summary(closed: Sequence[Dict[str, Any]], measured: Sequence[Dict[str, 
                             label=f"{method} (computed)")
             points = [r for r in measured if r["method"] == method and r["measured_sent_per_peer"] is not None]
             if points:
-                factor = (lambda r: 1.0) if key == "per_peer" else (lambda r: r["n"])
-                ax.plot([r["n"] for r in points], [r["measured_sent_per_peer"] * factor(r) / scale for r in points],
+                value = (lambda r: r["measured_sent_per_peer"]) if key == "per_peer" \
+                    else (lambda r: r["measured_total"])
+                ax.plot([r["n"] for r in points], [value(r) / scale for r in points],
                         "o", color=line.get_color(), label=f"{method} (measured)")
         if key == "per_peer":
             ax.plot([r["n"] for r in grid], [r["fedavg"]["server"] / scale for r in grid], "--", color="grey",
