@@ -108,7 +108,7 @@ def worker(index: int, args: dict, maddrs, results) -> None:
     from peer_synchronization import NetworkOptions, PeerNetwork, barrier
 
     torch.set_num_threads(1)
-    net = PeerNetwork(NetworkOptions(initial_peers=maddrs, host=args["host"])).start()
+    net = PeerNetwork(NetworkOptions(initial_peers=maddrs, host=args["host"], startup_timeout=300)).start()
     try:
         avg = MoshpitAverager(net, AveragerOptions(prefix="bench", index=index, compression=args["compression"]))
         schedule = MarSchedule(args["gs"], args["gk"], args["ni"])
@@ -116,9 +116,12 @@ def worker(index: int, args: dict, maddrs, results) -> None:
         barrier(net, "bench.start", me=index, expected=range(n), timeout=300)
         learn_addresses(net, n + 1)  # every peer and the bootstrap node
         rows, cpu, last = [], {"python": 0.0, "p2pd": 0.0}, None
+        profiler = None
         for r in range(args["rounds"]):
             tensors = make_tensors(index, r)
             barrier(net, f"bench.r{r}", me=index, expected=range(n), timeout=120)
+            if r == min(1, args["rounds"] - 1) and index == 0 and args.get("py_spy"):
+                profiler = start_py_spy(args["py_spy"])
             t0 = time.perf_counter()
             cpu0 = (cpu_seconds(os.getpid()), cpu_seconds(net.p2pd_pid))
             report = moshpit_all_reduce(avg, tensors, participants=range(n), round_index=r, schedule=schedule)
@@ -133,7 +136,10 @@ def worker(index: int, args: dict, maddrs, results) -> None:
             release_freed_memory()
             rows.append({"seconds": seconds, "sent": report.bytes_sent, "received": report.bytes_received,
                          "err": err, "failed_steps": report.failed_steps,
+                         "matchmaking": sum(step.matchmaking_seconds for step in report.steps),
                          "payload": sum(t.numel() * t.element_size() for t in tensors)})
+        if profiler is not None:
+            stop_py_spy(profiler)
         barrier(net, "bench.end", me=index, expected=range(n), timeout=120)
         memory = {"python": pss_kb(os.getpid()), "p2pd": pss_kb(net.p2pd_pid) if net.p2pd_pid else 0}
         baseline = gloo_baseline(index, args, last) if args.get("baseline") == "gloo" else None
@@ -142,6 +148,25 @@ def worker(index: int, args: dict, maddrs, results) -> None:
         barrier(net, "bench.measured", me=index, expected=range(n), timeout=120)
     finally:
         net.shutdown()
+
+
+def start_py_spy(out_prefix: str) -> subprocess.Popen:
+    """Sample this process (all threads, CPU only) with py-spy until :func:`stop_py_spy`: collapsed stacks in
+    ``OUT_PREFIX.txt``, which ``py-spy``'s flame-graph tools and ``sort | head`` read."""
+    exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    proc = subprocess.Popen([exe if os.path.exists(exe) else "py-spy", "record", "--pid", str(os.getpid()),
+                             "--rate", "200", "--format", "raw", "--output", out_prefix + ".txt", "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # let it attach
+    return proc
+
+
+def stop_py_spy(proc: subprocess.Popen) -> None:
+    proc.send_signal(2)  # SIGINT: py-spy writes its output and exits
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def gloo_baseline(index: int, args: dict, mar_result) -> dict:
@@ -298,6 +323,7 @@ def run_on_hosts(args: argparse.Namespace, conf: dict) -> list:
 def run(args: argparse.Namespace) -> dict:
     conf = {"np": args.np, "gs": args.gs, "gk": args.gk or args.ni, "ni": args.ni, "rounds": args.rounds,
             "compression": args.compression, "check_peers": list(range(args.np)),  # every peer checks its result
+            "py_spy": args.py_spy and os.path.abspath(args.py_spy),
             "baseline": args.baseline, "gloo_port": free_port(), "gloo_addr": "127.0.0.1",
             "gloo_ifname": "eth0" if args.hosts else "lo"}
     if args.hosts:
@@ -328,6 +354,9 @@ def run(args: argparse.Namespace) -> dict:
         "seconds_per_round": statistics.median(timed),
         "seconds_per_step": statistics.median(timed) / args.ni,
         "seconds_per_round_max": max(timed),
+        "matchmaking_seconds_per_round": statistics.median(
+            statistics.mean(rep["rows"][r]["matchmaking"] for rep in reports) for r in range(1, args.rounds)
+        ) if args.rounds > 1 else None,  # mean over peers: DHT matchmaking, before any tensor moves
         "bytes_sent_per_peer": statistics.mean(row["sent"] for rep in reports for row in rep["rows"]),
         "payload_bytes": reports[0]["rows"][0]["payload"],
         "max_abs_error": max(errors),
@@ -355,6 +384,8 @@ def main() -> None:
     p.add_argument("--baseline", choices=["gloo"], default=None,
                    help="after the MAR rounds, time a torch.distributed gloo all-reduce of the same tensors in the "
                         "same groups, in the same processes, and print the ratio")
+    p.add_argument("--py-spy", default=None, metavar="OUT_PREFIX",
+                   help="sample peer 0 with py-spy during rounds 1.. (collapsed stacks in OUT_PREFIX.txt)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker-group", type=int, default=None, help=argparse.SUPPRESS)  # internal, --hosts
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -385,6 +416,8 @@ def main() -> None:
     cpu = out["cpu_seconds_per_round"]
     print(f"  CPU s per round, all peers     : python {cpu['python']:.2f}, p2pd {cpu['p2pd']:.2f}")
     print(f"  seconds per MAR step (median)  : {out['seconds_per_step']:.3f}")
+    if out["matchmaking_seconds_per_round"] is not None:
+        print(f"  matchmaking s per round (mean) : {out['matchmaking_seconds_per_round']:.3f}")
     if args.baseline:
         print(f"  seconds per {args.baseline} step (median) : {out['baseline_seconds_per_step']:.3f} "
               f"(MAR / {args.baseline} = {out['seconds_per_step'] / out['baseline_seconds_per_step']:.1f}; "
