@@ -34,6 +34,7 @@ result is compared with the MAR result (``baseline_max_abs_diff``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -110,7 +111,10 @@ def worker(index: int, args: dict, maddrs, results) -> None:
     torch.set_num_threads(1)
     net = PeerNetwork(NetworkOptions(initial_peers=maddrs, host=args["host"], startup_timeout=300)).start()
     try:
-        avg = MoshpitAverager(net, AveragerOptions(prefix="bench", index=index, compression=args["compression"]))
+        options = AveragerOptions(prefix="bench", index=index, compression=args["compression"])
+        if args.get("part_size"):
+            options = dataclasses.replace(options, part_size_bytes=args["part_size"])
+        avg = MoshpitAverager(net, options)
         schedule = MarSchedule(args["gs"], args["gk"], args["ni"])
         n = args["np"]
         barrier(net, "bench.start", me=index, expected=range(n), timeout=300)
@@ -129,6 +133,8 @@ def worker(index: int, args: dict, maddrs, results) -> None:
             if r > 0:
                 cpu["python"] += cpu_seconds(os.getpid()) - cpu0[0]
                 cpu["p2pd"] += cpu_seconds(net.p2pd_pid) - cpu0[1]
+            # the exact mean costs every peer N draws: not while slower peers are still averaging
+            barrier(net, f"bench.r{r}.done", me=index, expected=range(n), timeout=120)
             mean = global_mean(n, r) if index in args["check_peers"] else None
             err = max((a - b).abs().max().item() for a, b in zip(tensors, mean)) if mean else None
             if r == args["rounds"] - 1 and args.get("baseline"):
@@ -323,6 +329,7 @@ def run_on_hosts(args: argparse.Namespace, conf: dict) -> list:
 def run(args: argparse.Namespace) -> dict:
     conf = {"np": args.np, "gs": args.gs, "gk": args.gk or args.ni, "ni": args.ni, "rounds": args.rounds,
             "compression": args.compression, "check_peers": list(range(args.np)),  # every peer checks its result
+            "part_size": args.part_size,
             "py_spy": args.py_spy and os.path.abspath(args.py_spy),
             "baseline": args.baseline, "gloo_port": free_port(), "gloo_addr": "127.0.0.1",
             "gloo_ifname": "eth0" if args.hosts else "lo"}
@@ -348,7 +355,7 @@ def run(args: argparse.Namespace) -> dict:
     errors = [row["err"] for rep in reports for row in rep["rows"] if row["err"] is not None]
     return {
         "np": args.np, "gs": args.gs, "ni": args.ni, "compression": args.compression,
-        "hosts": args.hosts or 1, "on_loopback": not args.hosts,
+        "hosts": args.hosts or 1, "on_loopback": not args.hosts, "part_size_bytes": args.part_size,
         "rate": os.environ.get("MFL_RATE") if args.hosts else None,
         "delay_ms": os.environ.get("MFL_DELAY_MS") if args.hosts else None,
         "seconds_per_round": statistics.median(timed),
@@ -384,6 +391,8 @@ def main() -> None:
     p.add_argument("--baseline", choices=["gloo"], default=None,
                    help="after the MAR rounds, time a torch.distributed gloo all-reduce of the same tensors in the "
                         "same groups, in the same processes, and print the ratio")
+    p.add_argument("--part-size", type=int, default=None, metavar="BYTES",
+                   help="AveragerOptions.part_size_bytes (default: the averager's)")
     p.add_argument("--py-spy", default=None, metavar="OUT_PREFIX",
                    help="sample peer 0 with py-spy during rounds 1.. (collapsed stacks in OUT_PREFIX.txt)")
     p.add_argument("--json", action="store_true")
