@@ -655,7 +655,7 @@ class AveragerOptions:
     dht_ttl: float = 600.0
     num_peers: int = 1 << 20  # indices on the wire must lie below this
     heartbeat_interval: float = 5.0  # how often a peer renews its liveness record (it expires after 4 intervals)
-    part_size_bytes: int = 2**19  # the all-reduce streams a member's shard in messages of at most this many bytes
+    part_size_bytes: int = 2**21  # all-reduce messages carry at most this many bytes of a shard (hivemind: 2**19)
 
 
 MAX_PEER_ID_BYTES = 64
