@@ -3,6 +3,7 @@
 
     python bench/bench_aggregation.py --np 16 --gs 4 --ni 2 [--compression fp16] [--rounds 5] [--json]
     python bench/bench_aggregation.py --np 16 --gs 4 --ni 2 --baseline gloo     # + a gloo all-reduce, same groups
+    python bench/bench_aggregation.py --np 8 --gs 2 --ni 3 --part-size 524288 --py-spy /tmp/peer0   # profile peer 0
     python bench/bench_aggregation.py --np 8 --gs 2 --ni 3 --hosts 2          # as root: 2 separate hosts
     MFL_RATE=100mbit MFL_DELAY_MS=20 python bench/bench_aggregation.py --np 8 --gs 2 --ni 3 --hosts 2
 
@@ -30,6 +31,11 @@ full-participation groups repeat), for as many rounds. A round starts with a bar
 step are the slowest peer's round time divided by ``--ni``, median over the rounds after the first, for both
 (``seconds_per_step``, ``baseline_seconds_per_step``). Both end with the same values: the last round's gloo
 result is compared with the MAR result (``baseline_max_abs_diff``).
+
+``--part-size BYTES`` sets ``AveragerOptions.part_size_bytes`` (the largest all-reduce message); ``--py-spy PREFIX``
+samples peer 0 (all threads, CPU) from round 1 on into ``PREFIX.txt`` (collapsed stacks; needs ``pip install
+py-spy``). The JSON also carries ``matchmaking_seconds_per_round`` (DHT matchmaking, mean over peers, waiting for
+slower group-mates included) and ``memory_mb_per_peer_by_process`` (PSS of the peer process and of its p2pd).
 """
 from __future__ import annotations
 
