@@ -2,6 +2,8 @@
 """Benchmark Moshpit All-Reduce alone: N real peers, each with MNIST-CNN-sized tensors.
 
     python bench/bench_aggregation.py --np 16 --gs 4 --ni 2 [--compression fp16] [--rounds 5] [--json]
+    python bench/bench_aggregation.py --np 16 --gs 4 --ni 2 --baseline gloo     # + a gloo all-reduce, same groups
+    python bench/bench_aggregation.py --np 8 --gs 2 --ni 3 --part-size 524288 --py-spy /tmp/peer0   # profile peer 0
     python bench/bench_aggregation.py --np 8 --gs 2 --ni 3 --hosts 2          # as root: 2 separate hosts
     MFL_RATE=100mbit MFL_DELAY_MS=20 python bench/bench_aggregation.py --np 8 --gs 2 --ni 3 --hosts 2
 
@@ -21,13 +23,28 @@ Before round 0 every peer reads the address records until it knows every node: a
 on another host otherwise fails when its one address-book refresh came back without that group-mate
 (``peer_synchronization.PeerNetwork._lookup_address`` does not retry within ``ADDRESS_REFRESH_MIN_INTERVAL``),
 and that step keeps its values local. Failed steps, if any, are counted and printed.
+
+``--baseline gloo``: after the MAR rounds the same peer processes run a ``torch.distributed`` gloo all-reduce
+(sum, then divide by the group size) of the same tensors in the same groups (``simulate_schedule``: one gloo
+process group per distinct MAR group, built once over a TCPStore held by peer 0 and reused by every round, as
+full-participation groups repeat), for as many rounds. A round starts with a barrier on all peers; seconds per
+step are the slowest peer's round time divided by ``--ni``, median over the rounds after the first, for both
+(``seconds_per_step``, ``baseline_seconds_per_step``). Both end with the same values: the last round's gloo
+result is compared with the MAR result (``baseline_max_abs_diff``).
+
+``--part-size BYTES`` sets ``AveragerOptions.part_size_bytes`` (the largest all-reduce message); ``--py-spy PREFIX``
+samples peer 0 (all threads, CPU) from round 1 on into ``PREFIX.txt`` (collapsed stacks; needs ``pip install
+py-spy``). The JSON also carries ``matchmaking_seconds_per_round`` (DHT matchmaking, mean over peers, waiting for
+slower group-mates included) and ``memory_mb_per_peer_by_process`` (PSS of the peer process and of its p2pd).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -98,17 +115,23 @@ def worker(index: int, args: dict, maddrs, results) -> None:
     from peer_synchronization import NetworkOptions, PeerNetwork, barrier
 
     torch.set_num_threads(1)
-    net = PeerNetwork(NetworkOptions(initial_peers=maddrs, host=args["host"])).start()
+    net = PeerNetwork(NetworkOptions(initial_peers=maddrs, host=args["host"], startup_timeout=300)).start()
     try:
-        avg = MoshpitAverager(net, AveragerOptions(prefix="bench", index=index, compression=args["compression"]))
+        options = AveragerOptions(prefix="bench", index=index, compression=args["compression"])
+        if args.get("part_size"):
+            options = dataclasses.replace(options, part_size_bytes=args["part_size"])
+        avg = MoshpitAverager(net, options)
         schedule = MarSchedule(args["gs"], args["gk"], args["ni"])
         n = args["np"]
         barrier(net, "bench.start", me=index, expected=range(n), timeout=300)
         learn_addresses(net, n + 1)  # every peer and the bootstrap node
-        rows, cpu = [], {"python": 0.0, "p2pd": 0.0}
+        rows, cpu, last = [], {"python": 0.0, "p2pd": 0.0}, None
+        profiler = None
         for r in range(args["rounds"]):
             tensors = make_tensors(index, r)
             barrier(net, f"bench.r{r}", me=index, expected=range(n), timeout=120)
+            if r == min(1, args["rounds"] - 1) and index == 0 and args.get("py_spy"):
+                profiler = start_py_spy(args["py_spy"])
             t0 = time.perf_counter()
             cpu0 = (cpu_seconds(os.getpid()), cpu_seconds(net.p2pd_pid))
             report = moshpit_all_reduce(avg, tensors, participants=range(n), round_index=r, schedule=schedule)
@@ -116,18 +139,102 @@ def worker(index: int, args: dict, maddrs, results) -> None:
             if r > 0:
                 cpu["python"] += cpu_seconds(os.getpid()) - cpu0[0]
                 cpu["p2pd"] += cpu_seconds(net.p2pd_pid) - cpu0[1]
+            # the exact mean costs every peer N draws: not while slower peers are still averaging
+            barrier(net, f"bench.r{r}.done", me=index, expected=range(n), timeout=120)
             mean = global_mean(n, r) if index in args["check_peers"] else None
             err = max((a - b).abs().max().item() for a, b in zip(tensors, mean)) if mean else None
+            if r == args["rounds"] - 1 and args.get("baseline"):
+                last = [t.clone() for t in tensors]
             release_freed_memory()
             rows.append({"seconds": seconds, "sent": report.bytes_sent, "received": report.bytes_received,
                          "err": err, "failed_steps": report.failed_steps,
+                         "matchmaking": sum(step.matchmaking_seconds for step in report.steps),
                          "payload": sum(t.numel() * t.element_size() for t in tensors)})
+        if profiler is not None:
+            stop_py_spy(profiler)
         barrier(net, "bench.end", me=index, expected=range(n), timeout=120)
-        memory_kb = pss_kb(os.getpid()) + (pss_kb(net.p2pd_pid) if net.p2pd_pid else 0)
-        results.put({"index": index, "rows": rows, "memory_kb": memory_kb, "cpu": cpu})
+        memory = {"python": pss_kb(os.getpid()), "p2pd": pss_kb(net.p2pd_pid) if net.p2pd_pid else 0}
+        baseline = gloo_baseline(index, args, last) if args.get("baseline") == "gloo" else None
+        results.put({"index": index, "rows": rows, "memory_kb": sum(memory.values()), "memory": memory, "cpu": cpu,
+                     "baseline": baseline})
         barrier(net, "bench.measured", me=index, expected=range(n), timeout=120)
     finally:
         net.shutdown()
+
+
+def start_py_spy(out_prefix: str) -> subprocess.Popen:
+    """Sample this process (all threads, CPU only) with py-spy until :func:`stop_py_spy`: collapsed stacks in
+    ``OUT_PREFIX.txt``, which ``py-spy``'s flame-graph tools and ``sort | head`` read."""
+    exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    proc = subprocess.Popen([exe if os.path.exists(exe) else "py-spy", "record", "--pid", str(os.getpid()),
+                             "--rate", "200", "--format", "raw", "--output", out_prefix + ".txt", "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # let it attach
+    return proc
+
+
+def stop_py_spy(proc: subprocess.Popen) -> None:
+    proc.send_signal(2)  # SIGINT: py-spy writes its output and exits
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def gloo_baseline(index: int, args: dict, mar_result) -> dict:
+    """The same rounds as a gloo all-reduce in the MAR groups: ``{"seconds": [per round], "diff": max |gloo - MAR|
+    on the last round}`` (see the module docstring)."""
+    import torch
+    import torch.distributed as dist
+
+    from moshpit_all_reduce import simulate_schedule
+
+    n = args["np"]
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", args["gloo_ifname"])
+    store = dist.TCPStore(args["gloo_addr"], args["gloo_port"], n, is_master=index == 0, timeout=_td(300))
+    dist.init_process_group("gloo", store=store, rank=index, world_size=n, timeout=_td(300))
+    try:
+        steps = simulate_schedule(n, args["gs"], args["gk"], args["ni"])
+        groups = {}
+        for step in steps:  # every rank creates every group, in the same order
+            for members in sorted(step.values()):
+                if len(members) > 1 and tuple(members) not in groups:
+                    groups[tuple(members)] = dist.new_group(members, backend="gloo")
+        mine = [next(tuple(m) for m in step.values() if index in m) for step in steps]
+        seconds, diff = [], None
+        for r in range(args["rounds"]):
+            tensors = make_tensors(index, r)
+            dist.barrier()
+            t0 = time.perf_counter()
+            for members in mine:
+                if len(members) == 1:
+                    continue
+                flat = torch.cat([t.view(-1) for t in tensors])
+                dist.all_reduce(flat, group=groups[members])
+                flat.div_(len(members))
+                offset = 0
+                for t in tensors:
+                    t.view(-1).copy_(flat[offset:offset + t.numel()])
+                    offset += t.numel()
+            seconds.append(time.perf_counter() - t0)
+        if mar_result is not None:
+            diff = max((a - b).abs().max().item() for a, b in zip(tensors, mar_result))
+        dist.barrier()
+        return {"seconds": seconds, "diff": diff}
+    finally:
+        dist.destroy_process_group()
+
+
+def _td(seconds: float):
+    import datetime
+
+    return datetime.timedelta(seconds=seconds)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def run_peers(conf: dict, indices, host: str, maddrs) -> list:
@@ -201,6 +308,7 @@ def run_on_hosts(args: argparse.Namespace, conf: dict) -> list:
     hosts = netns.up(args.hosts, tag="bn", rate=rate, delay_ms=delay)
     folder = tempfile.mkdtemp(prefix="bench-hosts-")
     try:
+        conf["gloo_addr"] = hosts.address(0)  # peer 0 holds the store
         spec = {"conf": conf, "blocks": [list(b) for b in host_blocks(args.np, args.hosts)],
                 "addresses": [hosts.address(h) for h in range(args.hosts)]}
         spec_path = os.path.join(folder, "spec.json")
@@ -226,7 +334,11 @@ def run_on_hosts(args: argparse.Namespace, conf: dict) -> list:
 
 def run(args: argparse.Namespace) -> dict:
     conf = {"np": args.np, "gs": args.gs, "gk": args.gk or args.ni, "ni": args.ni, "rounds": args.rounds,
-            "compression": args.compression, "check_peers": list(range(args.np))}  # every peer checks its result
+            "compression": args.compression, "check_peers": list(range(args.np)),  # every peer checks its result
+            "part_size": args.part_size,
+            "py_spy": args.py_spy and os.path.abspath(args.py_spy),
+            "baseline": args.baseline, "gloo_port": free_port(), "gloo_addr": "127.0.0.1",
+            "gloo_ifname": "eth0" if args.hosts else "lo"}
     if args.hosts:
         reports = run_on_hosts(args, conf)
     else:
@@ -239,21 +351,35 @@ def run(args: argparse.Namespace) -> dict:
             boot.shutdown()
     per_round = [max(rep["rows"][r]["seconds"] for rep in reports) for r in range(args.rounds)]
     timed = per_round[1:] if len(per_round) > 1 else per_round  # round 0 includes connection set-up
+    out = {}
+    if args.baseline:
+        base = [max(rep["baseline"]["seconds"][r] for rep in reports) for r in range(args.rounds)]
+        base_timed = base[1:] if len(base) > 1 else base
+        out = {"baseline": args.baseline, "baseline_seconds_per_step": statistics.median(base_timed) / args.ni,
+               "baseline_seconds_per_round": statistics.median(base_timed),
+               "baseline_max_abs_diff": max(rep["baseline"]["diff"] for rep in reports)}
     errors = [row["err"] for rep in reports for row in rep["rows"] if row["err"] is not None]
     return {
         "np": args.np, "gs": args.gs, "ni": args.ni, "compression": args.compression,
-        "hosts": args.hosts or 1, "on_loopback": not args.hosts,
+        "hosts": args.hosts or 1, "on_loopback": not args.hosts, "part_size_bytes": args.part_size,
         "rate": os.environ.get("MFL_RATE") if args.hosts else None,
         "delay_ms": os.environ.get("MFL_DELAY_MS") if args.hosts else None,
         "seconds_per_round": statistics.median(timed),
+        "seconds_per_step": statistics.median(timed) / args.ni,
         "seconds_per_round_max": max(timed),
+        "matchmaking_seconds_per_round": statistics.median(
+            statistics.mean(rep["rows"][r]["matchmaking"] for rep in reports) for r in range(1, args.rounds)
+        ) if args.rounds > 1 else None,  # mean over peers: DHT matchmaking, before any tensor moves
         "bytes_sent_per_peer": statistics.mean(row["sent"] for rep in reports for row in rep["rows"]),
         "payload_bytes": reports[0]["rows"][0]["payload"],
         "max_abs_error": max(errors),
         "failed_steps": sum(row["failed_steps"] for rep in reports for row in rep["rows"]),
         "memory_mb_per_peer": statistics.mean(rep["memory_kb"] for rep in reports) / 1024,
+        "memory_mb_per_peer_by_process": {k: statistics.mean(rep["memory"][k] for rep in reports) / 1024
+                                          for k in ("python", "p2pd")},
         "cpu_seconds_per_round": {k: sum(rep["cpu"][k] for rep in reports) / max(1, args.rounds - 1)
                                   for k in ("python", "p2pd")},
+        **out,
     }
 
 
@@ -268,6 +394,13 @@ def main() -> None:
     p.add_argument("--hosts", type=int, default=0,
                    help="spread the peers over K network namespaces (root; MFL_RATE / MFL_DELAY_MS shape the links); "
                         "0: all on 127.0.0.1")
+    p.add_argument("--baseline", choices=["gloo"], default=None,
+                   help="after the MAR rounds, time a torch.distributed gloo all-reduce of the same tensors in the "
+                        "same groups, in the same processes, and print the ratio")
+    p.add_argument("--part-size", type=int, default=None, metavar="BYTES",
+                   help="AveragerOptions.part_size_bytes (default: the averager's)")
+    p.add_argument("--py-spy", default=None, metavar="OUT_PREFIX",
+                   help="sample peer 0 with py-spy during rounds 1.. (collapsed stacks in OUT_PREFIX.txt)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker-group", type=int, default=None, help=argparse.SUPPRESS)  # internal, --hosts
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -292,9 +425,18 @@ def main() -> None:
     print(f"  payload per peer               : {out['payload_bytes'] / 1e6:.2f} MB")
     print(f"  max |x - global mean|          : {out['max_abs_error']:.2e}")
     print(f"  failed MAR steps (all peers)   : {out['failed_steps']}")
-    print(f"  memory per peer (PSS + p2pd)   : {out['memory_mb_per_peer']:.0f} MB")
+    mem = out["memory_mb_per_peer_by_process"]
+    print(f"  memory per peer (PSS + p2pd)   : {out['memory_mb_per_peer']:.0f} MB (python {mem['python']:.0f}, "
+          f"p2pd {mem['p2pd']:.0f})")
     cpu = out["cpu_seconds_per_round"]
     print(f"  CPU s per round, all peers     : python {cpu['python']:.2f}, p2pd {cpu['p2pd']:.2f}")
+    print(f"  seconds per MAR step (median)  : {out['seconds_per_step']:.3f}")
+    if out["matchmaking_seconds_per_round"] is not None:
+        print(f"  matchmaking s per round (mean) : {out['matchmaking_seconds_per_round']:.3f}")
+    if args.baseline:
+        print(f"  seconds per {args.baseline} step (median) : {out['baseline_seconds_per_step']:.3f} "
+              f"(MAR / {args.baseline} = {out['seconds_per_step'] / out['baseline_seconds_per_step']:.1f}; "
+              f"max |{args.baseline} - MAR| {out['baseline_max_abs_diff']:.1e})")
 
 
 if __name__ == "__main__":

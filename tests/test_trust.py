@@ -131,3 +131,16 @@ def test_strangers_get_no_model_and_cannot_join_an_exchange(closed_run):
     assert all(msg.code != averaging_pb2.AVERAGED_PART for msg in replies)
     assert replies and replies[0].code == averaging_pb2.PROTOCOL_VIOLATION
     averager.close()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [0, 517, -1])
+def test_a_part_with_one_non_finite_value_is_refused(bad, where):
+    from moshpit_all_reduce import all_finite, check_part
+
+    part = torch.randn(131072)
+    assert all_finite(part) and check_part(part, shape=(131072,), dtype=torch.float32) is None
+    part[where] = bad
+    assert not all_finite(part)
+    assert check_part(part, shape=(131072,), dtype=torch.float32) == "non-finite values"
+    assert all_finite(torch.empty(0)) and all_finite(torch.arange(5))
