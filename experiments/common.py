@@ -183,14 +183,7 @@ def check_flags(specs: Sequence[RunSpec]) -> None:
                                   f"({' '.join(spec.flags)}): {' '.join(str(e).splitlines())}") from None
 
 
-def read_json(path: str) -> Dict[str, Any]:
-    """A JSON object from ``path``; {} when it is missing or damaged."""
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
+read_json = plots._read_json  # a JSON object from a path; {} when it is missing or damaged
 
 
 def read_marker(run_dir: str) -> Dict[str, Any]:
