@@ -137,10 +137,8 @@ def fedavg_key(averager: MoshpitAverager, round_index: int) -> str:
 def server_tensors(cfg: Any, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """Zeros shaped like what a FedAvg client sends (``exchanged_tensors``): parameters and momentum, or with DP
     the released parameters, the smoothed deltas and the clip indicator (the momentum stays on the client)."""
-    zeros = [torch.zeros(p.shape, dtype=torch.float32) for p in params]
-    if cfg.dp:
-        return zeros + [torch.zeros(p.shape, dtype=torch.float32) for p in params] + [torch.zeros(1)]
-    return zeros + [torch.zeros(p.shape, dtype=torch.float32) for p in params]
+    shaped = [torch.zeros(p.shape, dtype=torch.float32) for _ in range(2) for p in params]
+    return shaped + ([torch.zeros(1)] if cfg.dp else [])
 
 
 class GossipAveraging(_Stateless):
