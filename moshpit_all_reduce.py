@@ -69,7 +69,19 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, anext, as_aiter
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
-from peer_synchronization import PeerNetwork, dht_time, poll_until, publish, read_subkeys
+from peer_synchronization import (
+    DIAL_PATIENCE,
+    PeerNetwork,
+    PlaneError,
+    TcpPlane,
+    dht_time,
+    frame_bytes,
+    parse_endpoint,
+    poll_until,
+    publish,
+    reachable_host,
+    read_subkeys,
+)
 
 logger = logging.getLogger("mar_fl.mar")
 
@@ -656,6 +668,7 @@ class AveragerOptions:
     num_peers: int = 1 << 20  # indices on the wire must lie below this
     heartbeat_interval: float = 5.0  # how often a peer renews its liveness record (it expires after 4 intervals)
     part_size_bytes: int = 2**21  # all-reduce messages carry at most this many bytes of a shard (hivemind: 2**19)
+    transport: str = "libp2p"  # MAR's averaging steps: "libp2p" (hivemind streams) or "tcp" (:class:`TcpPlane`)
 
 
 MAX_PEER_ID_BYTES = 64
@@ -766,6 +779,10 @@ class MoshpitAverager:
         self._round: Optional[int] = None
         self._timed_out = False
         self.servicer = network.run(self._make_servicer(), timeout=60)
+        self.plane: Optional[TcpPlane] = None
+        self._endpoint: Optional[List[Any]] = None
+        if options.transport == "tcp":
+            network.run(self._start_plane(), timeout=60)
         self._heartbeat = network.run(self._start_heartbeat(), timeout=30)
 
     async def _make_servicer(self):
@@ -787,6 +804,9 @@ class MoshpitAverager:
                     beat = [dht_time(), self._round or 0, self.network.p2p.peer_id.to_bytes()]
                     await publish(self.network.dht, self._alive_key(), str(self.options.index), beat,
                                   ttl=4 * self.options.heartbeat_interval)
+                    if self._endpoint is not None:  # renewed with the heartbeat: it expires if we die
+                        await publish(self.network.dht, self._endpoint_key(), str(self.options.index),
+                                      self._endpoint, ttl=4 * self.options.heartbeat_interval)
                 except Exception as e:  # noqa: BLE001 - the next beat retries
                     logger.debug("heartbeat failed: %r", e)
                 await asyncio.sleep(self.options.heartbeat_interval)
@@ -814,6 +834,132 @@ class MoshpitAverager:
             if index is not None and beat is not None:
                 beats[index] = beat
         return beats
+
+    # ---------- the cluster data plane (--transport tcp) ----------
+
+    def _endpoint_key(self) -> str:
+        return f"{self.options.prefix}.tcp"
+
+    async def _start_plane(self) -> None:
+        """Listen for group-mates' data-plane connections and publish where (an authenticated record)."""
+        secret = self.network.options.run_secret
+        if secret is None:
+            raise ValueError("--transport tcp needs the run secret (it authenticates every connection)")
+        opts = self.network.options
+        self.plane = TcpPlane(index=self.options.index, secret=secret, host=opts.host,
+                              num_peers=self.options.num_peers)
+        port = await self.plane.start()
+        self._endpoint = [reachable_host(opts.host, opts.announce_host, await self.network.advertised()), port]
+        await publish(self.network.dht, self._endpoint_key(), str(self.options.index), self._endpoint,
+                      ttl=4 * self.options.heartbeat_interval)
+
+    async def _connect(self, peers: Sequence[int]) -> Set[int]:
+        """Open data-plane connections to ``peers`` (their endpoints read with backoff, bounded); returns those
+        that could not be reached."""
+        plane, deadline, delay = self.plane, time.monotonic() + DIAL_PATIENCE, 0.05
+        missing = {p for p in peers if not plane.connected(p)}
+        while missing:
+            record = await read_subkeys(self.network.dht, self._endpoint_key())
+            endpoints = {p: parse_endpoint(record.get(str(p))) for p in missing}
+            outcomes = await asyncio.gather(*(plane.connect(p, *endpoints[p]) for p in missing if endpoints[p]),
+                                            return_exceptions=True)
+            for error in outcomes:
+                if isinstance(error, BaseException):
+                    logger.debug("data plane: %r", error)
+            missing = {p for p in missing if not plane.connected(p)}
+            if not missing or time.monotonic() + delay >= deadline:
+                break
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)
+        for peer in missing:
+            logger.warning("data plane: peer %d unreachable", peer)
+        return missing
+
+    async def _tcp_allreduce(self, key, members, tensors, traffic) -> Tuple[Tuple[int, ...], int]:
+        """Butterfly all-reduce over :class:`TcpPlane`: the same algorithm and checks as :meth:`_allreduce`.
+
+        The flat vector is cut into one shard per member (in index order). Phase 0: each member sends shard
+        ``j`` to member ``j`` and receives its own shard from everyone; it sums the valid ones in index order
+        and divides by their count. Phase 1: it returns that average to every member and receives theirs. A
+        group-mate that is unreachable, silent past the deadline or sends a part of the wrong size or with
+        non-finite values is left out (and reported); a shard whose average never came keeps local values.
+        A member whose own values are not finite sends empty parts (it withdraws) and keeps its values.
+        """
+        me, plane = self.options.index, self.plane
+        group_id = self._group_id(key, members)
+        order = [m.index for m in members]
+        lost: Set[int] = await self._connect([i for i in order if i != me])
+        flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
+        plane.allow_frames(flat.numel() * 4)
+        cuts = [flat.numel() * k // len(order) for k in range(len(order) + 1)]
+        shard = {i: flat[cuts[k]:cuts[k + 1]] for k, i in enumerate(order)}
+        own_ok = all_finite(flat)
+        empty = torch.empty(0, dtype=torch.float32)
+        started, timeout = time.monotonic(), self.options.allreduce_timeout
+
+        async def send(peer: int, phase: int, values: torch.Tensor) -> None:
+            try:
+                traffic.sent += await plane.send(peer, group_id, phase, values.numpy())
+            except PlaneError as e:
+                logger.warning("group %s: sending to peer %d failed: %r", key, peer, e)
+                lost.add(peer)
+
+        async def receive(peer: int, phase: int, size: int, until: float) -> Optional[torch.Tensor]:
+            try:
+                payload = await plane.receive(peer, group_id, phase, timeout=until - time.monotonic())
+            except (PlaneError, asyncio.TimeoutError) as e:
+                logger.warning("group %s: nothing from peer %d (phase %d): %r", key, peer, phase, e)
+                lost.add(peer)
+                return None
+            traffic.received += frame_bytes(len(payload))
+            if not payload:
+                return None  # the peer withdrew its values (phase 0) or had nothing to average (phase 1)
+            part = torch.frombuffer(payload, dtype=torch.float32) if len(payload) % 4 == 0 else None
+            problem = f"{len(payload)} bytes" if part is None else check_part(part, shape=(size,), dtype=torch.float32)
+            if problem is not None:
+                logger.warning("group %s: rejected data from peer %s: %s", key, peer, problem)
+                lost.add(peer)
+                return None
+            return part
+
+        try:
+            others = [i for i in order if i != me and i not in lost]
+            mine = shard[me].numel()
+            _, received = await asyncio.gather(
+                asyncio.gather(*(send(i, 0, shard[i] if own_ok else empty) for i in others)),
+                asyncio.gather(*(receive(i, 0, mine, started + timeout) for i in others)))
+            parts = dict(zip(others, received))
+            if own_ok:
+                parts[me] = shard[me]
+            valid = [parts[i] for i in order if parts.get(i) is not None]
+            average = torch.zeros_like(shard[me]) if valid else empty
+            for part in valid:  # index order: the same float sum on every run
+                average.add_(part)
+            average.div_(max(len(valid), 1))
+            others = [i for i in others if i not in lost]
+            _, returned = await asyncio.gather(
+                asyncio.gather(*(send(i, 1, average) for i in others)),
+                asyncio.gather(*(receive(i, 1, shard[i].numel(), started + 2 * timeout) for i in others)))
+        finally:
+            plane.forget(group_id)
+        kept = 0
+        for peer, values in zip(others, returned):
+            if values is None:
+                kept += shard[peer].numel()
+            else:
+                shard[peer].copy_(values)
+        if valid:
+            shard[me].copy_(average)
+        else:
+            kept += shard[me].numel()
+        if not own_ok:
+            logger.warning("own values left out of the exchange: non-finite values")
+            return tuple(sorted(lost)), flat.numel()
+        offset = 0
+        for tensor in tensors:
+            tensor.view(-1).copy_(flat[offset:offset + tensor.numel()])
+            offset += tensor.numel()
+        return tuple(sorted(lost)), kept
 
     # ---------- rejoining after a restart ----------
 
@@ -1124,7 +1270,10 @@ class MoshpitAverager:
         staged = [t.detach().to("cpu", copy=True).contiguous() for t in tensors]
 
         async def exchange(key, members, traffic):
-            lost, kept = await self._allreduce(key, members, staged, weight, traffic)
+            if self.plane is not None:
+                lost, kept = await self._tcp_allreduce(key, members, staged, traffic)
+            else:
+                lost, kept = await self._allreduce(key, members, staged, weight, traffic)
             return lost, f"{kept} values kept local" if kept else "", None
 
         report, _ = self._run_step(key=key, expected=expected, exchange=exchange)
@@ -1281,6 +1430,8 @@ class MoshpitAverager:
     def close(self) -> None:
         self.network.loop.call_soon_threadsafe(self._heartbeat.cancel)
         try:
+            if self.plane is not None:
+                self.network.run(self.plane.close(), timeout=5)
             self.network.run(
                 self.servicer.remove_p2p_handlers(self.network.p2p, namespace=self.options.prefix), timeout=5
             )

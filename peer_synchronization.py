@@ -20,11 +20,14 @@ Three concerns live here, none of which touches tensors:
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import math
 import os
 import signal
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -353,10 +356,6 @@ class RunSecretValidator(_record_validator_base()):
         self._secret = bytes(secret)
 
     def _mac(self, record, value: bytes) -> bytes:
-        import hashlib
-        import hmac
-        import struct
-
         fields = (record.key, record.subkey, value, struct.pack(">d", record.expiration_time))
         message = b"".join(len(f).to_bytes(4, "big") + f for f in fields)
         return hmac.new(self._secret, message, hashlib.sha256).digest()
@@ -365,8 +364,6 @@ class RunSecretValidator(_record_validator_base()):
         return record.value + self.TAG + self._mac(record, record.value) + b"]"
 
     def validate(self, record) -> bool:
-        import hmac
-
         value = record.value
         if len(value) < self.SUFFIX or not value.endswith(b"]") or value[-self.SUFFIX:-33] != self.TAG:
             return False
@@ -829,3 +826,294 @@ def _read_running(running: Callable[[], Mapping[int, int]], me: int) -> Optional
         logger.debug("liveness read failed: %r", e)
         return None
     return view if me in view else None
+
+
+# ==================== the cluster data plane (--transport tcp) ====================
+
+_PLANE_MAGIC = b"MFL1"
+_HELLO = struct.Struct("!4sQ16s")  # magic, sender's peer index, nonce
+_FRAME = struct.Struct("!4s20sBQ")  # magic, group id, phase, payload bytes
+_MAC_BYTES = 32
+HANDSHAKE_TIMEOUT = 10.0
+MAX_UNCLAIMED_FRAMES = 8  # frames a peer may have sent us ahead of the step that reads them
+
+
+class PlaneError(ConnectionError):
+    """A data-plane connection failed, was refused, or its peer broke the protocol."""
+
+
+@dataclass
+class _Inbox:
+    """Frames one peer sent us, by ``(group id, phase)``, each waited for by at most one reader."""
+
+    frames: Dict[Tuple[bytes, int], "asyncio.Future[bytearray]"]
+    broken: Optional[BaseException] = None
+
+
+class TcpPlane:
+    """Authenticated TCP connections between the peers of one run, carrying framed byte buffers.
+
+    The data plane of ``--transport tcp``: for a cluster, where libp2p's per-message path (a ``p2pd`` per peer,
+    protobuf, encrypted streams) costs many times what the bytes cost. Each peer listens on one port (published
+    in the run's authenticated DHT records by the averager). A connection is admitted only after both ends prove
+    they hold the run secret (HMAC-SHA256 over both nonces and both peer indices, so a stranger cannot connect
+    and a member cannot replay another's handshake); frames are then plain, unencrypted bytes: use this
+    transport on networks you trust not to be tapped, and libp2p elsewhere.
+
+    A frame is ``(group id, phase, payload)``; a reader task per connection files frames into the sender's inbox,
+    where :meth:`receive` picks them up with a deadline. A peer that sends frames nobody asks for (more than
+    :data:`MAX_UNCLAIMED_FRAMES`) or larger than :attr:`max_frame_bytes` is disconnected. Any end may dial any
+    other; both connections of a pair are used (frames are keyed, not ordered).
+
+    :param index: this peer's index (sent in the handshake, checked by the other end's HMAC)
+    :param secret: the run secret (at least 16 bytes)
+    :param host: the address to listen on (``0.0.0.0`` for all)
+    :param num_peers: indices at or above this are refused
+    """
+
+    def __init__(self, *, index: int, secret: bytes, host: str, num_peers: int):
+        if len(secret) < 16:
+            raise ValueError("the run secret must be at least 16 bytes")
+        self.index, self._secret, self.host, self.num_peers = index, bytes(secret), host, num_peers
+        self.max_frame_bytes = 1 << 30  # until the averager says how large its payloads are (:meth:`allow_frames`)
+        self._frames_known = False
+        self.port = 0
+        self._server: Optional[Any] = None
+        self._accepting: Optional[asyncio.Task] = None
+        self._conns: Dict[int, List[Tuple[Any, asyncio.Lock]]] = {}
+        self._inboxes: Dict[int, _Inbox] = {}
+        self._tasks: set = set()
+
+    # ---------- connections ----------
+
+    async def start(self) -> int:
+        """Listen on ``host`` (a free port); returns the port."""
+        import socket
+
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        server = socket.socket(family, socket.SOCK_STREAM)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind((self.host, 0))
+        server.listen(256)
+        server.setblocking(False)
+        self._server, self.port = server, server.getsockname()[1]
+        self._accepting = asyncio.create_task(self._accept_forever())
+        return self.port
+
+    async def _accept_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(self._server)
+            self._spawn(self._admit(sock))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _mac(self, role: bytes, nonce_dialer: bytes, nonce_listener: bytes, dialer: int, listener: int) -> bytes:
+        message = role + nonce_dialer + nonce_listener + dialer.to_bytes(8, "big") + listener.to_bytes(8, "big")
+        return hmac.new(self._secret, message, hashlib.sha256).digest()
+
+    async def _admit(self, sock) -> None:
+        """Listener's side of the handshake; a connection that fails it is closed without a word."""
+        try:
+            loop = asyncio.get_running_loop()
+            magic, dialer, nonce_d = _HELLO.unpack(await _recv_exactly(sock, _HELLO.size, HANDSHAKE_TIMEOUT))
+            if magic != _PLANE_MAGIC or not 0 <= dialer < self.num_peers or dialer == self.index:
+                raise PlaneError(f"bad hello (peer {dialer})")
+            nonce_l = os.urandom(16)
+            await loop.sock_sendall(sock, _HELLO.pack(_PLANE_MAGIC, self.index, nonce_l)
+                                    + self._mac(b"L", nonce_d, nonce_l, dialer, self.index))
+            proof = await _recv_exactly(sock, _MAC_BYTES, HANDSHAKE_TIMEOUT)
+            if not hmac.compare_digest(bytes(proof), self._mac(b"D", nonce_d, nonce_l, dialer, self.index)):
+                raise PlaneError(f"peer {dialer} does not hold the run secret")
+        except (OSError, asyncio.TimeoutError, struct.error) as e:
+            logger.warning("data plane: refused a connection: %r", e)
+            sock.close()
+            return
+        self._register(dialer, sock)
+
+    async def connect(self, peer: int, host: str, port: int) -> None:
+        """Dial ``peer`` at ``host:port`` unless a connection to it is open; raises :class:`PlaneError`."""
+        import socket
+
+        if self._conns.get(peer):
+            return
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), HANDSHAKE_TIMEOUT)
+            nonce_d = os.urandom(16)
+            await loop.sock_sendall(sock, _HELLO.pack(_PLANE_MAGIC, self.index, nonce_d))
+            reply = await _recv_exactly(sock, _HELLO.size + _MAC_BYTES, HANDSHAKE_TIMEOUT)
+            magic, listener, nonce_l = _HELLO.unpack(reply[:_HELLO.size])
+            if magic != _PLANE_MAGIC or listener != peer or not hmac.compare_digest(
+                    bytes(reply[_HELLO.size:]), self._mac(b"L", nonce_d, nonce_l, self.index, peer)):
+                raise PlaneError(f"{host}:{port} is not peer {peer} of this run")
+            await loop.sock_sendall(sock, self._mac(b"D", nonce_d, nonce_l, self.index, peer))
+        except (OSError, asyncio.TimeoutError, struct.error) as e:
+            sock.close()
+            raise e if isinstance(e, PlaneError) else PlaneError(f"cannot reach peer {peer} at {host}:{port}: {e!r}")
+        if self._conns.get(peer):  # the other end dialled us meanwhile: one connection is enough
+            sock.close()
+            return
+        self._register(peer, sock)
+
+    def allow_frames(self, nbytes: int) -> None:
+        """Frames up to ``nbytes`` (the largest payload of the averager so far) are accepted, no larger."""
+        self.max_frame_bytes = max(self.max_frame_bytes, nbytes) if self._frames_known else nbytes
+        self._frames_known = True
+
+    def connected(self, peer: int) -> bool:
+        return bool(self._conns.get(peer))
+
+    def _register(self, peer: int, sock) -> None:
+        import socket
+
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        self._conns.setdefault(peer, []).append((sock, asyncio.Lock()))
+        inbox = self._inboxes.get(peer)
+        if inbox is None or inbox.broken is not None:
+            self._inboxes[peer] = _Inbox({})
+        self._spawn(self._read_forever(peer, sock))
+
+    def _drop(self, peer: int, sock, why: BaseException) -> None:
+        conns = [c for c in self._conns.get(peer, []) if c[0] is not sock]
+        self._conns[peer] = conns
+        sock.close()
+        if not conns:  # nothing more can come from this peer: wake whoever waits for it
+            inbox = self._inboxes.get(peer)
+            if inbox is not None:
+                inbox.broken = why
+                for key, future in list(inbox.frames.items()):
+                    if not future.done():  # frames that did arrive stay readable
+                        future.set_exception(PlaneError(f"connection to peer {peer} lost: {why!r}"))
+                        del inbox.frames[key]
+
+    # ---------- frames ----------
+
+    async def _read_forever(self, peer: int, sock) -> None:
+        try:
+            while True:
+                header = await _recv_exactly(sock, _FRAME.size, None)
+                magic, group_id, phase, size = _FRAME.unpack(header)
+                if magic != _PLANE_MAGIC or size > self.max_frame_bytes:
+                    raise PlaneError(f"peer {peer} sent a malformed frame ({size} bytes)")
+                payload = await _recv_exactly(sock, size, None)
+                inbox = self._inboxes[peer]
+                future = inbox.frames.get((group_id, phase))
+                if future is None:
+                    if len(inbox.frames) >= MAX_UNCLAIMED_FRAMES:
+                        raise PlaneError(f"peer {peer} sent more than {MAX_UNCLAIMED_FRAMES} unclaimed frames")
+                    future = inbox.frames[(group_id, phase)] = asyncio.get_running_loop().create_future()
+                if future.done():
+                    raise PlaneError(f"peer {peer} sent a frame twice")
+                future.set_result(payload)
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        except (OSError, struct.error, EOFError) as e:
+            self._drop(peer, sock, e)
+
+    async def send(self, peer: int, group_id: bytes, phase: int, payload) -> int:
+        """Send one frame to ``peer`` (which must be connected); returns the bytes put on the wire."""
+        conns = self._conns.get(peer)
+        if not conns:
+            raise PlaneError(f"not connected to peer {peer}")
+        sock, lock = conns[0]
+        view = memoryview(payload).cast("B")
+        loop = asyncio.get_running_loop()
+        async with lock:
+            try:
+                await loop.sock_sendall(sock, _FRAME.pack(_PLANE_MAGIC, group_id, phase, view.nbytes))
+                await loop.sock_sendall(sock, view)
+            except OSError as e:
+                self._drop(peer, sock, e)
+                raise PlaneError(f"sending to peer {peer} failed: {e!r}") from e
+        return _FRAME.size + view.nbytes
+
+    async def receive(self, peer: int, group_id: bytes, phase: int, *, timeout: float) -> bytearray:
+        """The frame ``(group id, phase)`` from ``peer``, waited for at most ``timeout`` seconds."""
+        inbox, key = self._inboxes.get(peer), (group_id, phase)
+        future = None if inbox is None else inbox.frames.get(key)
+        if future is None:
+            if inbox is None or inbox.broken is not None:
+                raise PlaneError(f"not connected to peer {peer}")
+            future = inbox.frames[key] = asyncio.get_running_loop().create_future()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), max(0.0, timeout))
+        finally:
+            if inbox.frames.get(key) is future:
+                del inbox.frames[key]
+
+    def forget(self, group_id: bytes) -> None:
+        """Drop frames of a finished exchange that were never read (a group-mate's late or extra frames)."""
+        for inbox in self._inboxes.values():
+            for key in [k for k in inbox.frames if k[0] == group_id]:
+                inbox.frames.pop(key)
+
+    async def close(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for conns in self._conns.values():
+            for sock, _ in conns:
+                sock.close()
+        self._conns.clear()
+        if self._server is not None:
+            self._server.close()
+
+
+async def _recv_exactly(sock, size: int, timeout: Optional[float]) -> bytearray:
+    """``size`` bytes from a non-blocking socket, straight into one buffer; EOFError if it closes first."""
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while got < size:
+        if deadline is None:
+            n = await loop.sock_recv_into(sock, view[got:])
+        else:
+            n = await asyncio.wait_for(loop.sock_recv_into(sock, view[got:]), max(0.0, deadline - time.monotonic()))
+        if n == 0:
+            raise EOFError(f"connection closed after {got} of {size} bytes")
+        got += n
+    return buffer
+
+
+def frame_bytes(payload_bytes: int) -> int:
+    """Bytes a frame of ``payload_bytes`` takes on the wire (header included)."""
+    return _FRAME.size + payload_bytes
+
+
+def parse_endpoint(value: Any) -> Optional[Tuple[str, int]]:
+    """A data-plane endpoint record ``[host, port]`` from the wire: an IP address and a port; else None."""
+    import ipaddress
+
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str)
+            and type(value[1]) is int and 0 < value[1] < 65536 and len(value[0]) <= 64):
+        return None
+    try:
+        return str(ipaddress.ip_address(value[0])), value[1]
+    except ValueError:
+        return None
+
+
+def reachable_host(host: str, announce_host: Optional[str], advertised: Sequence[str]) -> str:
+    """The address group-mates dial for our data plane: the announced host, else the listening one, else (when
+    listening on all interfaces) the first address of our advertised multiaddrs."""
+    if announce_host:
+        return announce_host
+    if host not in ("0.0.0.0", "::"):
+        return host
+    from hivemind.utils.multiaddr import Multiaddr
+
+    for maddr in advertised:
+        address = _component(Multiaddr(maddr), "ip4") or _component(Multiaddr(maddr), "ip6")
+        if address:
+            return address
+    raise SyncError("no address to announce for the data plane")

@@ -115,9 +115,11 @@ def worker(index: int, args: dict, maddrs, results) -> None:
     from peer_synchronization import NetworkOptions, PeerNetwork, barrier
 
     torch.set_num_threads(1)
-    net = PeerNetwork(NetworkOptions(initial_peers=maddrs, host=args["host"], startup_timeout=300)).start()
+    net = PeerNetwork(NetworkOptions(initial_peers=maddrs, host=args["host"], startup_timeout=300,
+                                     run_secret=bytes.fromhex(args["secret"]))).start()
     try:
-        options = AveragerOptions(prefix="bench", index=index, compression=args["compression"])
+        options = AveragerOptions(prefix="bench", index=index, compression=args["compression"],
+                                  transport=args["transport"], num_peers=args["np"])
         if args.get("part_size"):
             options = dataclasses.replace(options, part_size_bytes=args["part_size"])
         avg = MoshpitAverager(net, options)
@@ -277,7 +279,8 @@ def worker_group(spec_path: str, group: int) -> None:
     boot = None
     try:
         if group == 0:
-            boot = PeerNetwork(NetworkOptions(host=spec["addresses"][0])).start()
+            boot = PeerNetwork(NetworkOptions(host=spec["addresses"][0],
+                                              run_secret=bytes.fromhex(spec["conf"]["secret"]))).start()
             with open(boot_file + ".tmp", "w") as f:
                 json.dump(boot.visible_maddrs(), f)
             os.replace(boot_file + ".tmp", boot_file)
@@ -335,7 +338,7 @@ def run_on_hosts(args: argparse.Namespace, conf: dict) -> list:
 def run(args: argparse.Namespace) -> dict:
     conf = {"np": args.np, "gs": args.gs, "gk": args.gk or args.ni, "ni": args.ni, "rounds": args.rounds,
             "compression": args.compression, "check_peers": list(range(args.np)),  # every peer checks its result
-            "part_size": args.part_size,
+            "part_size": args.part_size, "transport": args.transport, "secret": os.urandom(16).hex(),
             "py_spy": args.py_spy and os.path.abspath(args.py_spy),
             "baseline": args.baseline, "gloo_port": free_port(), "gloo_addr": "127.0.0.1",
             "gloo_ifname": "eth0" if args.hosts else "lo"}
@@ -344,7 +347,7 @@ def run(args: argparse.Namespace) -> dict:
     else:
         from peer_synchronization import NetworkOptions, PeerNetwork
 
-        boot = PeerNetwork(NetworkOptions()).start()
+        boot = PeerNetwork(NetworkOptions(run_secret=bytes.fromhex(conf["secret"]))).start()
         try:
             reports = run_peers(conf, range(args.np), "127.0.0.1", boot.visible_maddrs())
         finally:
@@ -360,7 +363,7 @@ def run(args: argparse.Namespace) -> dict:
                "baseline_max_abs_diff": max(rep["baseline"]["diff"] for rep in reports)}
     errors = [row["err"] for rep in reports for row in rep["rows"] if row["err"] is not None]
     return {
-        "np": args.np, "gs": args.gs, "ni": args.ni, "compression": args.compression,
+        "np": args.np, "gs": args.gs, "ni": args.ni, "compression": args.compression, "transport": args.transport,
         "hosts": args.hosts or 1, "on_loopback": not args.hosts, "part_size_bytes": args.part_size,
         "rate": os.environ.get("MFL_RATE") if args.hosts else None,
         "delay_ms": os.environ.get("MFL_DELAY_MS") if args.hosts else None,
@@ -391,6 +394,8 @@ def main() -> None:
     p.add_argument("--gk", type=int, default=None, help="group key dimension (default: --ni)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--compression", choices=["none", "fp16", "8bit"], default="none")
+    p.add_argument("--transport", choices=["libp2p", "tcp"], default="libp2p",
+                   help="data plane of the averaging steps (AveragerOptions.transport)")
     p.add_argument("--hosts", type=int, default=0,
                    help="spread the peers over K network namespaces (root; MFL_RATE / MFL_DELAY_MS shape the links); "
                         "0: all on 127.0.0.1")
