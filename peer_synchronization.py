@@ -443,6 +443,7 @@ class PeerNetwork:
         self._closed = False
         self.addresses: Dict[bytes, List[Any]] = {}  # peer id -> dialable multiaddrs, from the address records
         self._last_refresh = -math.inf
+        self._refreshing: Optional[asyncio.Future] = None
         self._publisher: Optional[asyncio.Task] = None
 
     def _run_loop(self) -> None:
@@ -515,8 +516,18 @@ class PeerNetwork:
             await self._publish_address()
 
     async def refresh_addresses(self) -> int:
-        """Read every node's address record; returns how many peers we can dial."""
+        """Read every node's address record; returns how many peers we can dial.
+
+        Single-flight: callers that come while a read is in progress share it. Every DHT call to a peer not yet
+        in the book asks for a refresh; without sharing, a busy start-up turned into thousands of concurrent
+        full-DHT reads per peer, each making more DHT calls (64 peers took 200 s to start, some never did).
+        """
         self._last_refresh = time.monotonic()
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._read_addresses())
+        return await asyncio.shield(self._refreshing)
+
+    async def _read_addresses(self) -> int:
         for subkey, value in (await read_subkeys(self.dht, self.address_key())).items():
             parsed = parse_address_record(subkey, value)
             if parsed is not None:
@@ -549,6 +560,7 @@ class PeerNetwork:
 
     async def _lookup_address(self, peer_id: bytes) -> List[Any]:
         if peer_id not in self.addresses and time.monotonic() - self._last_refresh >= ADDRESS_REFRESH_MIN_INTERVAL:
+            self._last_refresh = time.monotonic()  # now, not when the refresh task first runs: calls race here
             try:
                 await asyncio.wait_for(self.refresh_addresses(), DHT_RPC_TIMEOUT)
             except Exception as e:  # noqa: BLE001 - the dial falls back to libp2p's own routing
