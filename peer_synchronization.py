@@ -444,6 +444,7 @@ class PeerNetwork:
         self.addresses: Dict[bytes, List[Any]] = {}  # peer id -> dialable multiaddrs, from the address records
         self._last_refresh = -math.inf
         self._refreshing: Optional[asyncio.Future] = None
+        self._refresh_pause = ADDRESS_REFRESH_MIN_INTERVAL
         self._publisher: Optional[asyncio.Task] = None
 
     def _run_loop(self) -> None:
@@ -528,10 +529,15 @@ class PeerNetwork:
         return await asyncio.shield(self._refreshing)
 
     async def _read_addresses(self) -> int:
-        for subkey, value in (await read_subkeys(self.dht, self.address_key())).items():
-            parsed = parse_address_record(subkey, value)
-            if parsed is not None:
-                self.addresses[parsed[0]] = parsed[1]
+        started = time.monotonic()
+        try:
+            for subkey, value in (await read_subkeys(self.dht, self.address_key())).items():
+                parsed = parse_address_record(subkey, value)
+                if parsed is not None:
+                    self.addresses[parsed[0]] = parsed[1]
+        finally:  # a slow read (a busy node) spaces the next lookup-driven read out as much
+            self._refresh_pause = max(ADDRESS_REFRESH_MIN_INTERVAL, time.monotonic() - started)
+            self._last_refresh = time.monotonic()
         return len(self.addresses)
 
     async def await_addresses(self, peer_ids: Iterable[bytes], *, patience: float = ADDRESS_LOOKUP_PATIENCE) -> bool:
@@ -559,7 +565,7 @@ class PeerNetwork:
         return await self.await_addresses([peer_id.to_bytes()])
 
     async def _lookup_address(self, peer_id: bytes) -> List[Any]:
-        if peer_id not in self.addresses and time.monotonic() - self._last_refresh >= ADDRESS_REFRESH_MIN_INTERVAL:
+        if peer_id not in self.addresses and time.monotonic() - self._last_refresh >= self._refresh_pause:
             self._last_refresh = time.monotonic()  # now, not when the refresh task first runs: calls race here
             try:
                 await asyncio.wait_for(self.refresh_addresses(), DHT_RPC_TIMEOUT)
