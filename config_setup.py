@@ -30,6 +30,7 @@ COMPRESSIONS = ("none", "fp16", "8bit")
 AGGREGATIONS = ("mar", "rdfl", "fedavg", "gossip")
 GOSSIP_WEIGHTINGS = ("equal", "staleness")
 GROUPINGS = ("packed", "reference")  # moshpit_all_reduce.GROUPINGS (not imported here: it loads torch)
+TRANSPORTS = ("libp2p", "tcp")  # moshpit_all_reduce.AveragerOptions.transport
 TEST_PEERS = ("all", "aggregators")
 TEST_SPLITS = ("iid", "dirichlet")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -62,6 +63,7 @@ class RunConfig:
     dropout_percent: float = 0.0
     compression: str = "none"
     grouping: str = "packed"  # packed: re-packed by position; reference: keyed on the global index (holes)
+    transport: str = "libp2p"  # data plane of MAR's averaging: libp2p (any network) or tcp (a trusted cluster)
     matchmaking_timeout: float = 60.0
     allreduce_timeout: float = 30.0
     max_failed_percent: float = 5.0  # a run whose failed MAR steps exceed this share ends "degraded"
@@ -193,6 +195,10 @@ def _flags_moshpit_all_reduce(p: argparse.ArgumentParser, d: RunConfig) -> None:
                    help="packed: each round's participants are packed by position into full groups; reference: "
                         "groups keyed on the global peer index as the published reference (absent peers leave "
                         "holes, down to peers averaging alone)")
+    g.add_argument("--transport", choices=TRANSPORTS, default=d.transport,
+                   help="data plane of the averaging steps: libp2p (hivemind streams over p2pd, encrypted; any "
+                        "network) or tcp (direct TCP between peers, authenticated by the run secret but not "
+                        "encrypted: for a cluster network you trust; several times faster)")
     g.add_argument("--matchmaking-timeout", type=float, default=d.matchmaking_timeout,
                    help="seconds a group waits for missing members")
     g.add_argument("--allreduce-timeout", type=float, default=d.allreduce_timeout,
@@ -390,6 +396,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.iteration_mode in ("batches", "passes"), f"--im must be batches or passes, got {cfg.iteration_mode!r}")
     _check(cfg.compression in COMPRESSIONS, f"--compression must be one of {', '.join(COMPRESSIONS)}")
     _check(cfg.grouping in GROUPINGS, f"--grouping must be one of {', '.join(GROUPINGS)}, got {cfg.grouping!r}")
+    _check(cfg.transport in TRANSPORTS, f"--transport must be one of {', '.join(TRANSPORTS)}, got {cfg.transport!r}")
     _check(cfg.wandb_mode in WANDB_MODES + (None,), f"--wandb must be one of {', '.join(WANDB_MODES)}")
     _check(cfg.log_level in LOG_LEVELS, f"--log-level must be one of {', '.join(LOG_LEVELS)}")
     _check(0 <= cfg.seed < INT_LIMIT, f"-sd must be in [0, 2^63), got {_short(cfg.seed, 30)}")
@@ -449,6 +456,10 @@ def _validate_aggregation(cfg: RunConfig) -> None:
            f"--grouping chooses Moshpit groups: it needs --aggregation mar, not {cfg.aggregation}")
     _check(cfg.aggregation == "mar" or not cfg.kd,
            f"--kd distils from Moshpit group-mates (MKD): it needs --aggregation mar, not {cfg.aggregation}")
+    _check(cfg.transport == "libp2p" or cfg.aggregation == "mar",
+           f"--transport tcp carries Moshpit averaging steps: it needs --aggregation mar, not {cfg.aggregation}")
+    _check(cfg.transport == "libp2p" or cfg.compression == "none",
+           f"--transport tcp sends raw float32: it does not take --compression {cfg.compression}")
     _check(cfg.aggregation != "gossip" or not cfg.dp,
            "--dp with --aggregation gossip is refused: its accountant assumes every peer ends the round with the "
            "mean of all participants, which gossip does not compute")

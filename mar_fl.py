@@ -295,7 +295,7 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
     averager = MoshpitAverager(network, AveragerOptions(
         prefix=prefix, index=index, compression=cfg.compression,
         matchmaking_timeout=cfg.matchmaking_timeout, allreduce_timeout=cfg.allreduce_timeout,
-        num_peers=process_count(cfg)))
+        num_peers=process_count(cfg), transport=cfg.transport))
     rt = PeerRuntime(task=task, prepared=prepared, train=train, test=test,
                      test_idx=own_test_indices(cfg, train, test, index),
                      num_batches=mini_batches_per_round(cfg, num_samples=len(train)), averager=averager,

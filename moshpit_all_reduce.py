@@ -86,6 +86,7 @@ from peer_synchronization import (
 logger = logging.getLogger("mar_fl.mar")
 
 _FINAL = "final"  # subkey under which a group's leader publishes the agreed member list
+_JOIN, _ABORT = 2, 3  # data-plane frame phases of direct matchmaking (0 and 1 are the all-reduce's)
 
 
 class AveragingError(RuntimeError):
@@ -778,6 +779,7 @@ class MoshpitAverager:
         self.excluded: Set[int] = set()  # group-mates left out for the rest of this round (sent bad data, went silent)
         self._round: Optional[int] = None
         self._timed_out = False
+        self._deviated = False  # a group this round differed from the plan: later keys may not be planned ones
         self.servicer = network.run(self._make_servicer(), timeout=60)
         self.plane: Optional[TcpPlane] = None
         self._endpoint: Optional[List[Any]] = None
@@ -817,7 +819,7 @@ class MoshpitAverager:
         """Once per round: forgive last round's offenders and read who is alive (one DHT read)."""
         if self._round == round_index:
             return
-        self._round, self.excluded = round_index, set()
+        self._round, self.excluded, self._deviated = round_index, set(), False
         try:
             beats = self.read_heartbeats()
         except Exception as e:  # noqa: BLE001 - without fresh heartbeats we keep the old view
@@ -874,6 +876,45 @@ class MoshpitAverager:
         for peer in missing:
             logger.warning("data plane: peer %d unreachable", peer)
         return missing
+
+    async def _join_directly(self, key: str, expected: FrozenSet[int], deadline: float) -> Optional[List[_Member]]:
+        """Meet a complete planned group on the data plane, without the DHT; None: meet through the DHT.
+
+        Every member sends every other a JOIN frame carrying a digest of the member set it expects (or an empty
+        one when it will use the DHT: a member of this round's planned groups only while every group it met so
+        far was as planned, nobody expected is presumed gone or was left out this round). When the JOINs of all
+        expected members arrive before ``deadline`` and carry our digest, the group is exactly ``expected`` for
+        all of them. Otherwise we send ABORT frames (so a straggler that finds all our JOINs later does not go
+        ahead alone with us) and fall back to the DHT, where the leader's list is final.
+        """
+        me, plane = self.options.index, self.plane
+        others = sorted(expected - {me})
+        join_id = hashlib.sha256(b"join" + key.encode()).digest()[:20]
+        view = hashlib.sha256(repr(sorted(expected)).encode()).digest()
+        eligible = not self._deviated and not any(
+            self.liveness.presumed_gone(i) or i in self.excluded for i in others)
+        unreachable = await self._connect(others)
+        joined = []
+        try:
+            for i in others:
+                if i not in unreachable:
+                    await plane.send(i, join_id, _JOIN, view if eligible else b"")
+            if eligible and not unreachable:
+                joined = await asyncio.gather(*(plane.receive(i, join_id, _JOIN, timeout=deadline - time.monotonic())
+                                                for i in others), return_exceptions=True)
+        except PlaneError as e:
+            logger.debug("group %s: direct join failed: %r", key, e)
+        complete = len(joined) == len(others) and all(isinstance(j, bytearray) and bytes(j) == view for j in joined)
+        if complete and not any(plane.has_frame(i, join_id, _ABORT) for i in others):
+            plane.forget(join_id)  # frames of this join that come later (a straggler's) are dropped unread
+            self._timed_out = False
+            self.liveness.observe(expected=expected, present=set(expected))
+            return [_Member(i, b"") for i in sorted(expected)]
+        if eligible:
+            await asyncio.gather(*(plane.send(i, join_id, _ABORT, b"") for i in others if plane.connected(i)),
+                                 return_exceptions=True)
+        plane.forget(join_id)
+        return None
 
     async def _tcp_allreduce(self, key, members, tensors, traffic) -> Tuple[Tuple[int, ...], int]:
         """Butterfly all-reduce over :class:`TcpPlane`: the same algorithm and checks as :meth:`_allreduce`.
@@ -1228,19 +1269,24 @@ class MoshpitAverager:
         return failed
 
     async def _step(self, *, key: str, expected: FrozenSet[int], exchange: "Exchange",
-                    required: FrozenSet[int] = frozenset()) -> Tuple[StepReport, Any]:
+                    required: FrozenSet[int] = frozenset(), direct: bool = False) -> Tuple[StepReport, Any]:
         """Form the group ``key`` (matchmaking), then run ``exchange(key, members, traffic)`` within it.
 
         ``exchange`` returns ``(lost members, why the step failed or "", payload)``. ``required``: members without
-        whom there is nothing to exchange (FedAvg's server).
+        whom there is nothing to exchange (FedAvg's server). ``direct``: the exchange runs on the data plane, so
+        a complete planned group may meet there (:meth:`_join_directly`) instead of through the DHT.
         """
         started = time.monotonic()
         traffic = _Traffic()
+        members: Optional[List[_Member]] = None
         if expected == frozenset({self.options.index}):
             members = [_Member(self.options.index, b"")]
-        else:
+        elif direct:
+            members = await self._join_directly(key, expected, started + self.options.matchmaking_timeout / 2)
+        if members is None:
             members = await self._form_group(key, expected, started + self.options.matchmaking_timeout)
-        if len(members) > 1:  # group-mates met for the first time may have published their addresses a moment ago
+            self._deviated |= {m.index for m in members} != expected
+        if len(members) > 1 and not direct:  # group-mates met for the first time may have published their addresses
             await self.network.await_addresses(m.peer_id for m in members)
         matched = time.monotonic()
         indices = tuple(m.index for m in members)
@@ -1276,7 +1322,7 @@ class MoshpitAverager:
                 lost, kept = await self._allreduce(key, members, staged, weight, traffic)
             return lost, f"{kept} values kept local" if kept else "", None
 
-        report, _ = self._run_step(key=key, expected=expected, exchange=exchange)
+        report, _ = self._run_step(key=key, expected=expected, exchange=exchange, direct=self.plane is not None)
         return self._copy_back(report, tensors, staged)
 
     def average_all(self, tensors: Sequence[torch.Tensor], *, key: str, expected: FrozenSet[int]) -> StepReport:
@@ -1401,13 +1447,13 @@ class MoshpitAverager:
 
         return self._run_step(key=f"{key}.gather", expected=expected, exchange=exchange)
 
-    def _run_step(self, *, key, expected, exchange, required=frozenset()) -> Tuple[StepReport, Any]:
+    def _run_step(self, *, key, expected, exchange, required=frozenset(), direct=False) -> Tuple[StepReport, Any]:
         """One step with a deadline; a step that raises is reported as failed and leaves the tensors alone."""
         me = self.options.index
         rank = sorted(expected | {me}).index(me)  # keeps this peer on its scheduled path through the groups
         aborted = (StepReport(members=(me,), rank=rank), {})
-        return self._guarded(key, self._step(key=key, expected=expected, exchange=exchange, required=required),
-                             aborted)
+        return self._guarded(key, self._step(key=key, expected=expected, exchange=exchange, required=required,
+                                             direct=direct), aborted)
 
     def _guarded(self, key: str, coro, aborted: Tuple[StepReport, Any]) -> Tuple[StepReport, Any]:
         if not self.network.daemon_alive():

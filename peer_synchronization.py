@@ -853,7 +853,7 @@ _HELLO = struct.Struct("!4sQ16s")  # magic, sender's peer index, nonce
 _FRAME = struct.Struct("!4s20sBQ")  # magic, group id, phase, payload bytes
 _MAC_BYTES = 32
 HANDSHAKE_TIMEOUT = 10.0
-MAX_UNCLAIMED_FRAMES = 8  # frames a peer may have sent us ahead of the step that reads them
+MAX_UNCLAIMED_FRAMES = 8  # frames of a peer kept for a step that has not asked for them (yet); older ones go
 
 
 class PlaneError(ConnectionError):
@@ -879,8 +879,9 @@ class TcpPlane:
     transport on networks you trust not to be tapped, and libp2p elsewhere.
 
     A frame is ``(group id, phase, payload)``; a reader task per connection files frames into the sender's inbox,
-    where :meth:`receive` picks them up with a deadline. A peer that sends frames nobody asks for (more than
-    :data:`MAX_UNCLAIMED_FRAMES`) or larger than :attr:`max_frame_bytes` is disconnected. Any end may dial any
+    where :meth:`receive` picks them up with a deadline. Of the frames nobody asked for yet, a peer's newest
+    :data:`MAX_UNCLAIMED_FRAMES` are kept (memory stays bounded); a frame larger than :attr:`max_frame_bytes`
+    disconnects its sender. Any end may dial any
     other; both connections of a pair are used (frames are keyed, not ordered).
 
     :param index: this peer's index (sent in the handshake, checked by the other end's HMAC)
@@ -1024,8 +1025,10 @@ class TcpPlane:
                 inbox = self._inboxes[peer]
                 future = inbox.frames.get((group_id, phase))
                 if future is None:
-                    if len(inbox.frames) >= MAX_UNCLAIMED_FRAMES:
-                        raise PlaneError(f"peer {peer} sent more than {MAX_UNCLAIMED_FRAMES} unclaimed frames")
+                    unclaimed = [k for k, f in inbox.frames.items() if f.done()]
+                    if len(unclaimed) >= MAX_UNCLAIMED_FRAMES:  # late or surplus frames: the oldest goes
+                        logger.debug("data plane: dropped an unclaimed frame of peer %d", peer)
+                        del inbox.frames[unclaimed[0]]
                     future = inbox.frames[(group_id, phase)] = asyncio.get_running_loop().create_future()
                 if future.done():
                     raise PlaneError(f"peer {peer} sent a frame twice")
@@ -1066,6 +1069,12 @@ class TcpPlane:
         finally:
             if inbox.frames.get(key) is future:
                 del inbox.frames[key]
+
+    def has_frame(self, peer: int, group_id: bytes, phase: int) -> bool:
+        """Whether the frame ``(group id, phase)`` from ``peer`` has arrived (without consuming it)."""
+        inbox = self._inboxes.get(peer)
+        future = None if inbox is None else inbox.frames.get((group_id, phase))
+        return future is not None and future.done() and not future.exception()
 
     def forget(self, group_id: bytes) -> None:
         """Drop frames of a finished exchange that were never read (a group-mate's late or extra frames)."""
