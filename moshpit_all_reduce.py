@@ -877,7 +877,8 @@ class MoshpitAverager:
             logger.warning("data plane: peer %d unreachable", peer)
         return missing
 
-    async def _join_directly(self, key: str, expected: FrozenSet[int], deadline: float) -> Optional[List[_Member]]:
+    async def _join_directly(self, key: str, expected: FrozenSet[int], deadline: float,
+                             traffic: _Traffic) -> Optional[List[_Member]]:
         """Meet a complete planned group on the data plane, without the DHT; None: meet through the DHT.
 
         Every member sends every other a JOIN frame carrying a digest of the member set it expects (or an empty
@@ -898,10 +899,11 @@ class MoshpitAverager:
         try:
             for i in others:
                 if i not in unreachable:
-                    await plane.send(i, join_id, _JOIN, view if eligible else b"")
+                    traffic.sent += await plane.send(i, join_id, _JOIN, view if eligible else b"")
             if eligible and not unreachable:
                 joined = await asyncio.gather(*(plane.receive(i, join_id, _JOIN, timeout=deadline - time.monotonic())
                                                 for i in others), return_exceptions=True)
+                traffic.received += sum(frame_bytes(len(j)) for j in joined if isinstance(j, bytearray))
         except PlaneError as e:
             logger.debug("group %s: direct join failed: %r", key, e)
         complete = len(joined) == len(others) and all(isinstance(j, bytearray) and bytes(j) == view for j in joined)
@@ -911,8 +913,9 @@ class MoshpitAverager:
             self.liveness.observe(expected=expected, present=set(expected))
             return [_Member(i, b"") for i in sorted(expected)]
         if eligible:
-            await asyncio.gather(*(plane.send(i, join_id, _ABORT, b"") for i in others if plane.connected(i)),
-                                 return_exceptions=True)
+            sent = await asyncio.gather(*(plane.send(i, join_id, _ABORT, b"") for i in others if plane.connected(i)),
+                                        return_exceptions=True)
+            traffic.sent += sum(n for n in sent if isinstance(n, int))
         plane.forget(join_id)
         return None
 
@@ -1282,7 +1285,7 @@ class MoshpitAverager:
         if expected == frozenset({self.options.index}):
             members = [_Member(self.options.index, b"")]
         elif direct:
-            members = await self._join_directly(key, expected, started + self.options.matchmaking_timeout / 2)
+            members = await self._join_directly(key, expected, started + self.options.matchmaking_timeout / 2, traffic)
         if members is None:
             members = await self._form_group(key, expected, started + self.options.matchmaking_timeout)
             self._deviated |= {m.index for m in members} != expected

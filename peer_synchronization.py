@@ -702,9 +702,11 @@ async def poll_until(check, *, deadline: float, first_delay: float = 0.005, max_
 
 
 async def async_barrier(
-    dht: Any, key: str, *, me: int, expected: Collection[int], timeout: float, ttl: float = 600.0
+    dht: Any, key: str, *, me: int, expected: Collection[int], timeout: float, ttl: float = 600.0,
+    max_delay: float = 0.1,
 ) -> FrozenSet[int]:
-    """Announce ``me`` under ``key`` and wait until all ``expected`` indices arrived or ``timeout`` passes."""
+    """Announce ``me`` under ``key`` and wait until all ``expected`` indices arrived or ``timeout`` passes
+    (reading the record at most every ``max_delay`` seconds once the wait is long: every read costs the DHT)."""
     await publish(dht, key, str(me), True, ttl=ttl)
     wanted = frozenset(expected)
     limit = max(wanted | {me}) + 1  # subkeys outside the expected range are nobody we wait for
@@ -716,7 +718,7 @@ async def async_barrier(
         arrived = frozenset(i for i in (_barrier_index(s, limit) for s in record) if i is not None) | {me}
         return wanted <= arrived
 
-    await poll_until(everyone_there, deadline=time.monotonic() + timeout)
+    await poll_until(everyone_there, deadline=time.monotonic() + timeout, max_delay=max_delay)
     return arrived
 
 
@@ -728,10 +730,10 @@ def _barrier_index(subkey: Any, limit: int) -> Optional[int]:
 
 
 def barrier(
-    network: PeerNetwork, key: str, *, me: int, expected: Iterable[int], timeout: float
+    network: PeerNetwork, key: str, *, me: int, expected: Iterable[int], timeout: float, max_delay: float = 0.1
 ) -> FrozenSet[int]:
     """Synchronous wrapper of :func:`async_barrier`; returns the indices that arrived before the deadline."""
-    coro = async_barrier(network.dht, key, me=me, expected=list(expected), timeout=timeout)
+    coro = async_barrier(network.dht, key, me=me, expected=list(expected), timeout=timeout, max_delay=max_delay)
     return network.run(coro, timeout=timeout + 30)
 
 

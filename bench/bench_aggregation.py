@@ -125,7 +125,7 @@ def worker(index: int, args: dict, maddrs, results) -> None:
         avg = MoshpitAverager(net, options)
         schedule = MarSchedule(args["gs"], args["gk"], args["ni"])
         n = args["np"]
-        barrier(net, "bench.start", me=index, expected=range(n), timeout=300)
+        barrier(net, "bench.start", me=index, expected=range(n), timeout=300, max_delay=1.0)
         learn_addresses(net, n + 1)  # every peer and the bootstrap node
         rows, cpu, last = [], {"python": 0.0, "p2pd": 0.0}, None
         profiler = None
@@ -142,7 +142,8 @@ def worker(index: int, args: dict, maddrs, results) -> None:
                 cpu["python"] += cpu_seconds(os.getpid()) - cpu0[0]
                 cpu["p2pd"] += cpu_seconds(net.p2pd_pid) - cpu0[1]
             # the exact mean costs every peer N draws: not while slower peers are still averaging
-            barrier(net, f"bench.r{r}.done", me=index, expected=range(n), timeout=120)
+            # read rarely: peers done early must not steal the CPU of those still averaging
+            barrier(net, f"bench.r{r}.done", me=index, expected=range(n), timeout=120, max_delay=0.5)
             mean = global_mean(n, r) if index in args["check_peers"] else None
             err = max((a - b).abs().max().item() for a, b in zip(tensors, mean)) if mean else None
             if r == args["rounds"] - 1 and args.get("baseline"):

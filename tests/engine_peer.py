@@ -82,6 +82,24 @@ def evil_runner(mode: str):
     return EvilRunner
 
 
+TCP_SECRET = bytes(range(100, 132))  # the run secret of --transport tcp engine peers (and of their bootstrap node)
+
+
+def evil_plane(plane, mode: str) -> None:
+    """A group-mate on the TCP plane that sends all-NaN or wrong-length all-reduce parts (phases 0 and 1)."""
+    import numpy as np
+
+    honest_send = plane.send
+
+    async def send(peer, group_id, phase, payload):
+        data = np.frombuffer(memoryview(payload).cast("B"), dtype=np.float32)
+        if phase in (0, 1) and data.size:
+            data = np.full_like(data, np.nan) if mode == "nan" else np.zeros(7, dtype=np.float32)
+        return await honest_send(peer, group_id, phase, data if phase in (0, 1) else payload)
+
+    plane.send = send
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--index", type=int, required=True)
@@ -97,28 +115,36 @@ def main() -> None:
     p.add_argument("--matchmaking-timeout", type=float, default=4.0)
     p.add_argument("--allreduce-timeout", type=float, default=3.0)
     p.add_argument("--evil", default=None, choices=sorted(EVIL_MODES), help="misbehave as a group-mate")
+    p.add_argument("--transport", default="libp2p", choices=["libp2p", "tcp"])
     args = p.parse_args()
     os.setpgrp()  # the test can then reap our p2pd even if we are SIGKILLed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    net = PeerNetwork(NetworkOptions(initial_peers=args.initial_peers.split(","), host=args.host, prefix="enginetest")).start()
+    secret = TCP_SECRET if args.transport == "tcp" else None
+    net = PeerNetwork(NetworkOptions(initial_peers=args.initial_peers.split(","), host=args.host, prefix="enginetest",
+                                     run_secret=secret)).start()
     try:
         with open(args.out + ".pid", "w") as f:
             f.write(str(net.p2pd_pid))
         averager = MoshpitAverager(net, AveragerOptions(prefix="enginetest", index=args.index,
                                                         compression=args.compression,
                                                         matchmaking_timeout=args.matchmaking_timeout,
-                                                        allreduce_timeout=args.allreduce_timeout))
+                                                        allreduce_timeout=args.allreduce_timeout,
+                                                        transport=args.transport))
         if args.evil and args.evil != "diverged":
-            averager._runner_cls = evil_runner(args.evil)
+            if args.transport == "tcp":
+                evil_plane(averager.plane, args.evil)
+            else:
+                averager._runner_cls = evil_runner(args.evil)
         if args.die_in_step is not None:
-            original = averager._allreduce
+            name = "_tcp_allreduce" if args.transport == "tcp" else "_allreduce"
+            original = getattr(averager, name)
 
             async def dying_allreduce(key, *a, **kw):
                 if f".s{args.die_in_step}." in key:
                     os.kill(os.getpid(), signal.SIGKILL)  # after matchmaking: we are in the agreed group
                 return await original(key, *a, **kw)
 
-            averager._allreduce = dying_allreduce
+            setattr(averager, name, dying_allreduce)
         alive = [int(i) for i in args.alive.split(",")]
         barrier(net, "enginetest.start", me=args.index, expected=alive, timeout=180)
         tensors = initial_tensors(args.index)

@@ -1,0 +1,225 @@
+"""``--transport tcp``: the authenticated TCP data plane (unit tests on two planes) and real peers averaging on it
+(exact means, byte accounting, absent / killed / bad group-mates, direct matchmaking with its DHT fallback)."""
+import asyncio
+import json
+import signal
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import alive
+from engine_peer import TCP_SECRET, initial_tensors, run_engine_peers
+from peer_synchronization import (
+    MAX_UNCLAIMED_FRAMES,
+    NetworkOptions,
+    PeerNetwork,
+    PlaneError,
+    TcpPlane,
+    frame_bytes,
+    parse_endpoint,
+)
+
+N, GS, NI = 8, 2, 3
+SECRET = bytes(range(32))
+GID = bytes(20)
+
+
+# ---------- the plane itself (two planes in one process, no p2pd) ----------
+
+
+def on_planes(body, *, secrets=(SECRET, SECRET)):
+    """Run ``body(a, b)`` on two started planes (indices 0 and 1) and close them."""
+    async def main():
+        a = TcpPlane(index=0, secret=secrets[0], host="127.0.0.1", num_peers=4)
+        b = TcpPlane(index=1, secret=secrets[1], host="127.0.0.1", num_peers=4)
+        await a.start()
+        await b.start()
+        try:
+            return await body(a, b)
+        finally:
+            await a.close()
+            await b.close()
+
+    return asyncio.run(main())
+
+
+def test_frames_arrive_whole_and_keyed():
+    async def body(a, b):
+        await a.connect(1, "127.0.0.1", b.port)
+        payload = np.arange(300_000, dtype=np.float32)
+        sent = await a.send(1, GID, 1, payload)
+        await a.send(1, GID, 0, b"first")  # frames are keyed, not ordered: phase 0 is read after phase 1 came
+        first = await b.receive(0, GID, 0, timeout=10)
+        got = await b.receive(0, GID, 1, timeout=10)
+        reply = a.receive(1, GID, 0, timeout=10)  # the connection a dialled carries b's frames too
+        await b.send(0, GID, 0, b"back")
+        return sent, bytes(first), np.frombuffer(got, dtype=np.float32), bytes(await reply)
+
+    sent, first, got, reply = on_planes(body)
+    assert sent == frame_bytes(300_000 * 4) and first == b"first" and reply == b"back"
+    assert np.array_equal(got, np.arange(300_000, dtype=np.float32))
+
+
+def test_a_stranger_without_the_secret_is_refused_both_ways():
+    async def body(a, b):
+        with pytest.raises(PlaneError):
+            await a.connect(1, "127.0.0.1", b.port)  # b cannot prove it holds a's secret
+        await asyncio.sleep(0.2)
+        return a.connected(1), b.connected(0)
+
+    assert on_planes(body, secrets=(SECRET, bytes(32))) == (False, False)
+
+
+def test_a_peer_claiming_another_index_is_refused():
+    async def body(a, b):
+        with pytest.raises(PlaneError):
+            await a.connect(2, "127.0.0.1", b.port)  # b is peer 1, not 2
+        return a.connected(2)
+
+    assert on_planes(body) is False
+
+
+def test_garbage_and_silence_get_no_connection():
+    async def body(a, b):
+        loop = asyncio.get_running_loop()
+        raw = socket.create_connection(("127.0.0.1", b.port))
+        raw.setblocking(False)
+        await loop.sock_sendall(raw, b"GET / HTTP/1.1\r\n" * 4)
+        data = await asyncio.wait_for(loop.sock_recv(raw, 100), 15)  # closed without a word
+        raw.close()
+        return data, b.connected(0)
+
+    assert on_planes(body) == (b"", False)
+
+
+def test_oversized_frames_disconnect_and_waiters_learn_it_at_once():
+    async def body(a, b):
+        await a.connect(1, "127.0.0.1", b.port)
+        await asyncio.sleep(0.1)
+        b.allow_frames(1000)
+        waiting = asyncio.ensure_future(b.receive(0, GID, 0, timeout=30))
+        await a.send(1, GID, 1, bytes(4000))
+        with pytest.raises(PlaneError):
+            await waiting  # not after 30 s: the connection broke
+        return b.connected(0)
+
+    assert on_planes(body) is False
+
+
+def test_unclaimed_frames_are_bounded():
+    async def body(a, b):
+        await a.connect(1, "127.0.0.1", b.port)
+        for k in range(3 * MAX_UNCLAIMED_FRAMES):
+            await a.send(1, k.to_bytes(20, "big"), 0, b"x" * 100)
+        await asyncio.sleep(0.3)
+        inbox = b._inboxes[0]
+        newest = await b.receive(0, (3 * MAX_UNCLAIMED_FRAMES - 1).to_bytes(20, "big"), 0, timeout=5)
+        return len(inbox.frames), bytes(newest), b.connected(0)
+
+    kept, newest, connected = on_planes(body)
+    assert kept == MAX_UNCLAIMED_FRAMES and newest == b"x" * 100 and connected
+
+
+@pytest.mark.parametrize("value, want", [
+    (["127.0.0.1", 4000], ("127.0.0.1", 4000)), (["::1", 1], ("::1", 1)),
+    (["localhost", 4000], None), (["127.0.0.1", 0], None), (["127.0.0.1", 70000], None),
+    (["127.0.0.1", True], None), (["127.0.0.1", "80"], None), ("127.0.0.1:80", None), (None, None),
+    (["1" * 100, 80], None), (["127.0.0.1", 80, 1], None),
+])
+def test_endpoint_records_are_parsed_strictly(value, want):
+    assert parse_endpoint(value) == want
+
+
+# ---------- real peers on the plane ----------
+
+
+@pytest.fixture
+def bootstrap(no_new_p2pd):
+    net = PeerNetwork(NetworkOptions(prefix="enginetest", run_secret=TCP_SECRET)).start()
+    yield ",".join(net.visible_maddrs())
+    net.shutdown()
+
+
+def run_peers(tmp_path, maddrs, *, live, die=None, evil=None, num_peers=N, gs=GS, ni=NI):
+    def extra(i):
+        flags = ["--transport", "tcp", "--matchmaking-timeout", "20", "--allreduce-timeout", "5"]
+        if die and die[0] == i:
+            flags += ["--die-in-step", str(die[1])]
+        if evil and evil[0] == i:
+            flags += ["--evil", evil[1]]
+        return flags
+
+    return run_engine_peers(str(tmp_path), maddrs, live=live, num_peers=num_peers, gs=gs, ni=ni, extra=extra)
+
+
+def load(tmp_path, i):
+    tensors = torch.load(tmp_path / f"peer{i}.pt")
+    with open(tmp_path / f"peer{i}.pt.json") as f:
+        return tensors, json.load(f)
+
+
+def mean_of(indices):
+    return [torch.stack([initial_tensors(i)[k] for i in indices]).mean(0) for k in range(2)]
+
+
+def test_tcp_peers_reach_the_exact_mean_and_count_every_byte(tmp_path, bootstrap):
+    codes = run_peers(tmp_path, bootstrap, live=list(range(N)))
+    assert codes == {i: 0 for i in range(N)}
+    target = mean_of(range(N))
+    payload = sum(t.numel() * 4 for t in initial_tensors(0))
+    for i in range(N):
+        tensors, report = load(tmp_path, i)
+        assert [len(m) for m in report["members"]] == [GS] * NI and report["failed_steps"] == 0
+        for got, want in zip(tensors, target):
+            assert (got - want).abs().max().item() < 1e-5
+        # per step: the shard to the group-mate, the averaged shard back (each framed) and one JOIN frame
+        shard = payload // 4 // GS * 4
+        framed = NI * (2 * (GS - 1) * frame_bytes(shard) + (GS - 1) * frame_bytes(32))
+        assert abs(report["sent"] - framed) <= NI * 2 * (GS - 1) * 4, (report["sent"], framed)
+
+
+def test_tcp_absent_peer_falls_back_to_the_dht_and_does_not_block(tmp_path, bootstrap):
+    survivors = list(range(N - 1))  # peer 7 is a participant but never shows up
+    codes = run_peers(tmp_path, bootstrap, live=survivors)
+    assert codes == {i: 0 for i in survivors}
+    finals = {i: load(tmp_path, i) for i in survivors}
+    assert all(N - 1 not in members for _, report in finals.values() for members in report["members"])
+    start = mean_of(survivors)
+    for k in range(2):  # averaging only among survivors conserves their sum exactly
+        stack = torch.stack([finals[i][0][k] for i in survivors])
+        assert (stack.mean(0) - start[k]).abs().max().item() < 1e-5
+    assert finals[6][1]["members"][0] == [6]  # peer 7's group-mate found nobody and kept its values
+
+
+def test_tcp_peer_killed_mid_step_does_not_block_the_others(tmp_path, bootstrap):
+    codes = run_peers(tmp_path, bootstrap, live=list(range(N)), die=(N - 1, 1))
+    survivors = list(range(N - 1))
+    assert codes[N - 1] == -signal.SIGKILL
+    assert {i: codes[i] for i in survivors} == {i: 0 for i in survivors}
+    assert not alive(int(open(tmp_path / f"peer{N - 1}.pt.pid").read()))
+    start = mean_of(survivors)
+    for i in survivors:
+        for k, got in enumerate(load(tmp_path, i)[0]):
+            assert bool(torch.isfinite(got).all())
+            init = torch.stack([initial_tensors(j)[k] for j in survivors])
+            assert (got - start[k]).abs().max().item() < (init - start[k]).abs().max().item()
+
+
+@pytest.mark.parametrize("mode", ["nan", "shape"])
+def test_tcp_bad_groupmate_never_breaks_the_honest_peers(tmp_path, bootstrap, mode):
+    codes = run_peers(tmp_path, bootstrap, live=[0, 1, 2], evil=(2, mode), num_peers=3, gs=3, ni=1)
+    assert codes[0] == 0 and codes[1] == 0, (tmp_path / "peer0.log").read_text()[-3000:]
+    logs = (tmp_path / "peer0.log").read_text() + (tmp_path / "peer1.log").read_text()
+    assert "rejected data from peer 2" in logs
+    own = [initial_tensors(i) for i in range(3)]
+    for i in (0, 1):
+        tensors, report = load(tmp_path, i)
+        assert report["members"] == [[0, 1, 2]] and report["failed_steps"] == 1
+        for k, got in enumerate(tensors):  # local values, the honest mean, or the mean of all three (shard 2)
+            candidates = (own[i][k], (own[0][k] + own[1][k]) / 2, sum(o[k] for o in own) / 3)
+            close = torch.zeros_like(got, dtype=torch.bool)
+            for c in candidates:
+                close |= (got - c).abs() < 1e-5
+            assert bool(close.all()) and bool(torch.isfinite(got).all())
