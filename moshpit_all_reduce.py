@@ -986,12 +986,13 @@ class MoshpitAverager:
                 asyncio.gather(*(receive(i, 1, shard[i].numel(), started + 2 * timeout) for i in others)))
         finally:
             plane.forget(group_id)
+        averaged = {peer: values for peer, values in zip(others, returned) if values is not None}
         kept = 0
-        for peer, values in zip(others, returned):
-            if values is None:
+        for peer in order:  # a group-mate dropped in either phase leaves its shard with our local values
+            if peer in averaged:
+                shard[peer].copy_(averaged[peer])
+            elif peer != me:
                 kept += shard[peer].numel()
-            else:
-                shard[peer].copy_(values)
         if valid:
             shard[me].copy_(average)
         else:

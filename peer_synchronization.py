@@ -1060,11 +1060,12 @@ class TcpPlane:
 
     async def receive(self, peer: int, group_id: bytes, phase: int, *, timeout: float) -> bytearray:
         """The frame ``(group id, phase)`` from ``peer``, waited for at most ``timeout`` seconds."""
-        inbox, key = self._inboxes.get(peer), (group_id, phase)
-        future = None if inbox is None else inbox.frames.get(key)
+        key = (group_id, phase)
+        inbox = self._inboxes.setdefault(peer, _Inbox({}))  # its connection may still be in its handshake
+        future = inbox.frames.get(key)
         if future is None:
-            if inbox is None or inbox.broken is not None:
-                raise PlaneError(f"not connected to peer {peer}")
+            if inbox.broken is not None:
+                raise PlaneError(f"connection to peer {peer} lost: {inbox.broken!r}")
             future = inbox.frames[key] = asyncio.get_running_loop().create_future()
         try:
             return await asyncio.wait_for(asyncio.shield(future), max(0.0, timeout))

@@ -87,7 +87,10 @@ def test_garbage_and_silence_get_no_connection():
         raw = socket.create_connection(("127.0.0.1", b.port))
         raw.setblocking(False)
         await loop.sock_sendall(raw, b"GET / HTTP/1.1\r\n" * 4)
-        data = await asyncio.wait_for(loop.sock_recv(raw, 100), 15)  # closed without a word
+        try:  # closed without a word (a reset, as our unread garbage is discarded)
+            data = await asyncio.wait_for(loop.sock_recv(raw, 100), 15)
+        except ConnectionResetError:
+            data = b""
         raw.close()
         return data, b.connected(0)
 
@@ -114,9 +117,9 @@ def test_unclaimed_frames_are_bounded():
         for k in range(3 * MAX_UNCLAIMED_FRAMES):
             await a.send(1, k.to_bytes(20, "big"), 0, b"x" * 100)
         await asyncio.sleep(0.3)
-        inbox = b._inboxes[0]
+        kept = len(b._inboxes[0].frames)
         newest = await b.receive(0, (3 * MAX_UNCLAIMED_FRAMES - 1).to_bytes(20, "big"), 0, timeout=5)
-        return len(inbox.frames), bytes(newest), b.connected(0)
+        return kept, bytes(newest), b.connected(0)
 
     kept, newest, connected = on_planes(body)
     assert kept == MAX_UNCLAIMED_FRAMES and newest == b"x" * 100 and connected
