@@ -27,7 +27,9 @@ and that step keeps its values local. Failed steps, if any, are counted and prin
 ``--baseline gloo``: after the MAR rounds the same peer processes run a ``torch.distributed`` gloo all-reduce
 (sum, then divide by the group size) of the same tensors in the same groups (``simulate_schedule``: one gloo
 process group per distinct MAR group, built once over a TCPStore held by peer 0 and reused by every round, as
-full-participation groups repeat), for as many rounds. A round starts with a barrier on all peers; seconds per
+full-participation groups repeat), for as many rounds. A round starts, for both, at the same start line (a
+counter in a TCPStore held by peer 0, polled every millisecond: a DHT barrier would let peers start a poll
+interval apart and time that as waiting); seconds per
 step are the slowest peer's round time divided by ``--ni``, median over the rounds after the first, for both
 (``seconds_per_step``, ``baseline_seconds_per_step``). Both end with the same values: the last round's gloo
 result is compared with the MAR result (``baseline_max_abs_diff``).
@@ -127,11 +129,14 @@ def worker(index: int, args: dict, maddrs, results) -> None:
         n = args["np"]
         barrier(net, "bench.start", me=index, expected=range(n), timeout=300, max_delay=1.0)
         learn_addresses(net, n + 1)  # every peer and the bootstrap node
+        store = bench_store(index, args)
         rows, cpu, last = [], {"python": 0.0, "p2pd": 0.0}, None
         profiler = None
         for r in range(args["rounds"]):
             tensors = make_tensors(index, r)
-            barrier(net, f"bench.r{r}", me=index, expected=range(n), timeout=120)
+            # the bench's own start line, the same for MAR and gloo: a TCPStore counter, not the DHT (a DHT barrier
+            # lets peers start up to a poll interval apart, which would be timed as the step's waiting)
+            store_barrier(store, f"r{r}", n)
             if r == min(1, args["rounds"] - 1) and index == 0 and args.get("py_spy"):
                 profiler = start_py_spy(args["py_spy"])
             t0 = time.perf_counter()
@@ -157,7 +162,7 @@ def worker(index: int, args: dict, maddrs, results) -> None:
             stop_py_spy(profiler)
         barrier(net, "bench.end", me=index, expected=range(n), timeout=120)
         memory = {"python": pss_kb(os.getpid()), "p2pd": pss_kb(net.p2pd_pid) if net.p2pd_pid else 0}
-        baseline = gloo_baseline(index, args, last) if args.get("baseline") == "gloo" else None
+        baseline = gloo_baseline(index, args, last, store) if args.get("baseline") == "gloo" else None
         results.put({"index": index, "rows": rows, "memory_kb": sum(memory.values()), "memory": memory, "cpu": cpu,
                      "baseline": baseline})
         barrier(net, "bench.measured", me=index, expected=range(n), timeout=120)
@@ -184,7 +189,21 @@ def stop_py_spy(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def gloo_baseline(index: int, args: dict, mar_result) -> dict:
+def bench_store(index: int, args: dict):
+    """The bench's TCPStore (held by peer 0): round start lines for both MAR and gloo, and gloo's rendezvous."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(args["gloo_addr"], args["gloo_port"], args["np"], is_master=index == 0, timeout=_td(300))
+
+
+def store_barrier(store, key: str, n: int) -> None:
+    """Wait until all ``n`` peers reached ``key`` (polled every millisecond: the peers start within ~1 ms)."""
+    store.add(key, 1)
+    while store.add(key, 0) < n:
+        time.sleep(0.001)
+
+
+def gloo_baseline(index: int, args: dict, mar_result, store) -> dict:
     """The same rounds as a gloo all-reduce in the MAR groups: ``{"seconds": [per round], "diff": max |gloo - MAR|
     on the last round}`` (see the module docstring)."""
     import torch
@@ -194,7 +213,6 @@ def gloo_baseline(index: int, args: dict, mar_result) -> dict:
 
     n = args["np"]
     os.environ.setdefault("GLOO_SOCKET_IFNAME", args["gloo_ifname"])
-    store = dist.TCPStore(args["gloo_addr"], args["gloo_port"], n, is_master=index == 0, timeout=_td(300))
     dist.init_process_group("gloo", store=store, rank=index, world_size=n, timeout=_td(300))
     try:
         steps = simulate_schedule(n, args["gs"], args["gk"], args["ni"])
@@ -207,7 +225,7 @@ def gloo_baseline(index: int, args: dict, mar_result) -> dict:
         seconds, diff = [], None
         for r in range(args["rounds"]):
             tensors = make_tensors(index, r)
-            dist.barrier()
+            store_barrier(store, f"gloo.r{r}", n)
             t0 = time.perf_counter()
             for members in mine:
                 if len(members) == 1:
@@ -245,7 +263,7 @@ def run_peers(conf: dict, indices, host: str, maddrs) -> list:
     from mar_fl import configure_peer_environment
 
     ctx = mp.get_context("forkserver")
-    configure_peer_environment()  # the same environment mar_fl.py gives its peers
+    configure_peer_environment(conf["transport"])  # the same environment mar_fl.py gives its peers
     ctx.set_forkserver_preload(["torch", "hivemind", "moshpit_all_reduce"])
     results = ctx.Queue()
     procs = [ctx.Process(target=worker, args=(i, dict(conf, host=host), maddrs, results)) for i in indices]

@@ -103,3 +103,35 @@ def test_zero_address_announces_the_hosts_real_address(tmp_path, data_dir, three
     pid = maddrs[0].rsplit("/", 1)[1]
     announced = advertised_maddrs([f"/ip4/0.0.0.0/tcp/1/p2p/{pid}"], announce_host="203.0.113.7")
     assert announced == [f"/ip4/203.0.113.7/tcp/1/p2p/{pid}"]
+
+
+def test_three_hosts_average_exactly_over_the_tcp_plane(tmp_path, data_dir, one_host_run, three_hosts, no_new_p2pd):
+    """``--transport tcp`` across hosts: every tensor goes peer to peer at the address the peer announced (a wrong
+    address would not connect across namespaces); the same losses and accuracy as the libp2p run on one host, one
+    global model on every peer, no step failed; peers on host 1 listen on ``0.0.0.0`` and announce its address."""
+    run_dir = tmp_path / "run"
+    procs = []
+    for i in range(3):
+        extra = ["--peer-range", f"{3 * i}-{3 * i + 2}", "--host", "0.0.0.0" if i == 1 else three_hosts.address(i),
+                 "--transport", "tcp"]
+        if i:
+            extra += ["--initial-peers", str(run_dir / "bootstrap.json")]
+        procs.append(subprocess.Popen(three_hosts.wrap(i, mar_fl(run_dir, data_dir, *extra)),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(err[-2000:] for _, err in outputs)
+    multi, single = rows(run_dir), rows(one_host_run)
+    assert [r["round"] for r in multi] == list(range(1, ROUNDS + 1))
+    for got, want in zip(multi, single):
+        assert got["failed_steps"] == 0 and got["bytes_sent_per_peer"] > 0
+        assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-5)
+        if want["test_accuracy"] is None:
+            assert got["test_accuracy"] is None
+        else:
+            assert got["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=0.2)
+    models = final_models(run_dir)
+    for model in models[1:]:
+        for name, tensor in model.items():
+            assert (tensor - models[0][name]).abs().max().item() < 1e-5, name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["failed_steps"] == 0
