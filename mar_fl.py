@@ -60,9 +60,8 @@ def configure_peer_environment(transport: str = "libp2p") -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     # glibc gives each thread its own heap arena; the averager's worker threads would each keep tens of MB
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
-    if transport == "tcp":  # p2pd only carries the DHT: a tighter Go heap (≈80 -> ≈55 MB per p2pd; bench/RESULTS.md)
+    if transport == "tcp":  # p2pd only carries the DHT: collect its Go heap more often (bench/RESULTS.md)
         os.environ.setdefault("GOGC", "25")
-        os.environ.setdefault("GOMEMLIMIT", "40MiB")
 
 
 def release_freed_memory() -> None:

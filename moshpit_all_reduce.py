@@ -782,7 +782,8 @@ class MoshpitAverager:
         self._deviated = False  # a group this round differed from the plan: later keys may not be planned ones
         self.servicer = network.run(self._make_servicer(), timeout=60)
         self.plane: Optional[TcpPlane] = None
-        self._endpoint: Optional[List[Any]] = None
+        self._endpoint: Optional[List[Any]] = None  # [host, port] of our data plane, renewed every dht_ttl / 4
+        self._endpoint_renewal = dht_time() + options.dht_ttl / 4
         if options.transport == "tcp":
             network.run(self._start_plane(), timeout=60)
         self._heartbeat = network.run(self._start_heartbeat(), timeout=30)
@@ -806,9 +807,10 @@ class MoshpitAverager:
                     beat = [dht_time(), self._round or 0, self.network.p2p.peer_id.to_bytes()]
                     await publish(self.network.dht, self._alive_key(), str(self.options.index), beat,
                                   ttl=4 * self.options.heartbeat_interval)
-                    if self._endpoint is not None:  # renewed with the heartbeat: it expires if we die
+                    if self._endpoint is not None and dht_time() >= self._endpoint_renewal:
+                        self._endpoint_renewal = dht_time() + self.options.dht_ttl / 4
                         await publish(self.network.dht, self._endpoint_key(), str(self.options.index),
-                                      self._endpoint, ttl=4 * self.options.heartbeat_interval)
+                                      self._endpoint, ttl=self.options.dht_ttl)
                 except Exception as e:  # noqa: BLE001 - the next beat retries
                     logger.debug("heartbeat failed: %r", e)
                 await asyncio.sleep(self.options.heartbeat_interval)
@@ -853,7 +855,7 @@ class MoshpitAverager:
         port = await self.plane.start()
         self._endpoint = [reachable_host(opts.host, opts.announce_host, await self.network.advertised()), port]
         await publish(self.network.dht, self._endpoint_key(), str(self.options.index), self._endpoint,
-                      ttl=4 * self.options.heartbeat_interval)
+                      ttl=self.options.dht_ttl)
 
     async def _connect(self, peers: Sequence[int]) -> Set[int]:
         """Open data-plane connections to ``peers`` (their endpoints read with backoff, bounded); returns those
@@ -903,10 +905,10 @@ class MoshpitAverager:
             if eligible and not unreachable:
                 joined = await asyncio.gather(*(plane.receive(i, join_id, _JOIN, timeout=deadline - time.monotonic())
                                                 for i in others), return_exceptions=True)
-                traffic.received += sum(frame_bytes(len(j)) for j in joined if isinstance(j, bytearray))
+                traffic.received += sum(frame_bytes(len(j)) for j in joined if isinstance(j, np.ndarray))
         except PlaneError as e:
             logger.debug("group %s: direct join failed: %r", key, e)
-        complete = len(joined) == len(others) and all(isinstance(j, bytearray) and bytes(j) == view for j in joined)
+        complete = len(joined) == len(others) and all(isinstance(j, np.ndarray) and j.tobytes() == view for j in joined)
         if complete and not any(plane.has_frame(i, join_id, _ABORT) for i in others):
             plane.forget(join_id)  # frames of this join that come later (a straggler's) are dropped unread
             self._timed_out = False
@@ -919,7 +921,7 @@ class MoshpitAverager:
         plane.forget(join_id)
         return None
 
-    async def _tcp_allreduce(self, key, members, tensors, traffic) -> Tuple[Tuple[int, ...], int]:
+    async def _tcp_allreduce(self, key, members, flat: torch.Tensor, traffic) -> Tuple[Tuple[int, ...], int]:
         """Butterfly all-reduce over :class:`TcpPlane`: the same algorithm and checks as :meth:`_allreduce`.
 
         The flat vector is cut into one shard per member (in index order). Phase 0: each member sends shard
@@ -933,7 +935,6 @@ class MoshpitAverager:
         group_id = self._group_id(key, members)
         order = [m.index for m in members]
         lost: Set[int] = await self._connect([i for i in order if i != me])
-        flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
         plane.allow_frames(flat.numel() * 4)
         cuts = [flat.numel() * k // len(order) for k in range(len(order) + 1)]
         shard = {i: flat[cuts[k]:cuts[k + 1]] for k, i in enumerate(order)}
@@ -956,9 +957,9 @@ class MoshpitAverager:
                 lost.add(peer)
                 return None
             traffic.received += frame_bytes(len(payload))
-            if not payload:
+            if len(payload) == 0:
                 return None  # the peer withdrew its values (phase 0) or had nothing to average (phase 1)
-            part = torch.frombuffer(payload, dtype=torch.float32) if len(payload) % 4 == 0 else None
+            part = torch.from_numpy(payload.view(np.float32)) if len(payload) % 4 == 0 else None
             problem = f"{len(payload)} bytes" if part is None else check_part(part, shape=(size,), dtype=torch.float32)
             if problem is not None:
                 logger.warning("group %s: rejected data from peer %s: %s", key, peer, problem)
@@ -976,8 +977,8 @@ class MoshpitAverager:
             if own_ok:
                 parts[me] = shard[me]
             valid = [parts[i] for i in order if parts.get(i) is not None]
-            average = torch.zeros_like(shard[me]) if valid else empty
-            for part in valid:  # index order: the same float sum on every run
+            average = valid[0].clone() if valid else empty
+            for part in valid[1:]:  # index order: the same float sum on every run
                 average.add_(part)
             average.div_(max(len(valid), 1))
             others = [i for i in others if i not in lost]
@@ -986,6 +987,9 @@ class MoshpitAverager:
                 asyncio.gather(*(receive(i, 1, shard[i].numel(), started + 2 * timeout) for i in others)))
         finally:
             plane.forget(group_id)
+        if not own_ok:
+            logger.warning("own values left out of the exchange: non-finite values")
+            return tuple(sorted(lost)), flat.numel()
         averaged = {peer: values for peer, values in zip(others, returned) if values is not None}
         kept = 0
         for peer in order:  # a group-mate dropped in either phase leaves its shard with our local values
@@ -997,13 +1001,6 @@ class MoshpitAverager:
             shard[me].copy_(average)
         else:
             kept += shard[me].numel()
-        if not own_ok:
-            logger.warning("own values left out of the exchange: non-finite values")
-            return tuple(sorted(lost)), flat.numel()
-        offset = 0
-        for tensor in tensors:
-            tensor.view(-1).copy_(flat[offset:offset + tensor.numel()])
-            offset += tensor.numel()
         return tuple(sorted(lost)), kept
 
     # ---------- rejoining after a restart ----------
@@ -1317,16 +1314,22 @@ class MoshpitAverager:
 
         The exchange works on a copy: if the step fails as a whole the tensors keep their local values.
         """
+        if self.plane is not None:  # one flat float32 copy, cut into shards as it is
+            flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors])
+
+            async def exchange(key, members, traffic):
+                lost, kept = await self._tcp_allreduce(key, members, flat, traffic)
+                return lost, f"{kept} values kept local" if kept else "", None
+
+            report, _ = self._run_step(key=key, expected=expected, exchange=exchange, direct=True)
+            return self._copy_back(report, tensors, flat.split([t.numel() for t in tensors]))
         staged = [t.detach().to("cpu", copy=True).contiguous() for t in tensors]
 
         async def exchange(key, members, traffic):
-            if self.plane is not None:
-                lost, kept = await self._tcp_allreduce(key, members, staged, traffic)
-            else:
-                lost, kept = await self._allreduce(key, members, staged, weight, traffic)
+            lost, kept = await self._allreduce(key, members, staged, weight, traffic)
             return lost, f"{kept} values kept local" if kept else "", None
 
-        report, _ = self._run_step(key=key, expected=expected, exchange=exchange, direct=self.plane is not None)
+        report, _ = self._run_step(key=key, expected=expected, exchange=exchange)
         return self._copy_back(report, tensors, staged)
 
     def average_all(self, tensors: Sequence[torch.Tensor], *, key: str, expected: FrozenSet[int]) -> StepReport:

@@ -866,7 +866,7 @@ class PlaneError(ConnectionError):
 class _Inbox:
     """Frames one peer sent us, by ``(group id, phase)``, each waited for by at most one reader."""
 
-    frames: Dict[Tuple[bytes, int], "asyncio.Future[bytearray]"]
+    frames: Dict[Tuple[bytes, int], "asyncio.Future[np.ndarray]"]
     broken: Optional[BaseException] = None
 
 
@@ -1058,8 +1058,8 @@ class TcpPlane:
                 raise PlaneError(f"sending to peer {peer} failed: {e!r}") from e
         return _FRAME.size + view.nbytes
 
-    async def receive(self, peer: int, group_id: bytes, phase: int, *, timeout: float) -> bytearray:
-        """The frame ``(group id, phase)`` from ``peer``, waited for at most ``timeout`` seconds."""
+    async def receive(self, peer: int, group_id: bytes, phase: int, *, timeout: float) -> np.ndarray:
+        """The frame ``(group id, phase)`` from ``peer`` (a uint8 array), waited for at most ``timeout`` seconds."""
         key = (group_id, phase)
         inbox = self._inboxes.setdefault(peer, _Inbox({}))  # its connection may still be in its handshake
         future = inbox.frames.get(key)
@@ -1098,9 +1098,10 @@ class TcpPlane:
             self._server.close()
 
 
-async def _recv_exactly(sock, size: int, timeout: Optional[float]) -> bytearray:
-    """``size`` bytes from a non-blocking socket, straight into one buffer; EOFError if it closes first."""
-    buffer = bytearray(size)
+async def _recv_exactly(sock, size: int, timeout: Optional[float]) -> np.ndarray:
+    """``size`` bytes from a non-blocking socket, straight into one (uninitialised) uint8 array; EOFError if the
+    connection closes first."""
+    buffer = np.empty(size, dtype=np.uint8)
     view, got = memoryview(buffer), 0
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else time.monotonic() + timeout
