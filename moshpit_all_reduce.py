@@ -818,10 +818,13 @@ class MoshpitAverager:
         return asyncio.create_task(beat_forever())
 
     def begin_round(self, round_index: int) -> None:
-        """Once per round: forgive last round's offenders and read who is alive (one DHT read)."""
+        """Once per round: forgive last round's offenders and, if somebody is presumed gone, read who is alive
+        (one DHT read; heartbeats only matter for peers that missed a group)."""
         if self._round == round_index:
             return
         self._round, self.excluded, self._deviated = round_index, set(), False
+        if not self.liveness.missed:
+            return
         try:
             beats = self.read_heartbeats()
         except Exception as e:  # noqa: BLE001 - without fresh heartbeats we keep the old view
