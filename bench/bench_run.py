@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Time and weigh a whole ``mar_fl.py`` run: start-up, round = training + aggregation, memory per peer by process.
+
+    python bench/bench_run.py --out /tmp/run64 -- --np 64 --gs 4 --gk 3 --ni 3 --rounds 3 --transport tcp
+    python bench/bench_run.py --out /tmp/run16 --json -- --np 16 --gs 4 --gk 2 --ni 2 --rounds 5 --tf 1
+
+Everything after ``--`` goes to ``mar_fl.py`` (``--run-dir``, ``--wandb disabled`` and, when ``MARFL_DATA_DIR`` is
+set, ``--data-dir`` are added). Every ``--sample`` seconds the script reads the PSS (``/proc/PID/smaps_rollup``) of
+every process under the launcher and adds it up per kind: peer processes, their ``p2pd`` daemons, the launcher's
+own (launcher, forkserver, its ``p2pd``). Printed, from ``metrics.jsonl``: per round ``round_seconds`` (the
+slowest peer), ``train_seconds`` and ``aggregation_seconds`` (means over peers; the rest of a round is testing and
+waiting for the slowest); ``start_seconds``: launch until round 1's training began (the time round 1's row was
+written minus its ``round_seconds``: spawning, data loading, ``p2pd`` and DHT start-up, the start barrier);
+``peak_pss_mb``: the largest total seen, with the per-peer split at that moment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def memory_by_kind(launcher: int) -> dict:
+    """PSS in MB of the launcher's tree: peers (Python processes with a p2pd child), their p2pds, the rest."""
+    try:
+        tree = psutil.Process(launcher).children(recursive=True)
+    except psutil.Error:
+        return {}
+    daemons = [p for p in tree if _name(p) == "p2pd"]
+    peers = {p.ppid() for p in daemons} - {launcher}
+    out = {"peers": len(peers), "peer_python": 0.0, "peer_p2pd": 0.0, "other": pss_mb(launcher)}
+    for p in tree:
+        if p.pid in peers:
+            out["peer_python"] += pss_mb(p.pid)
+        elif _name(p) == "p2pd" and p.ppid() in peers:
+            out["peer_p2pd"] += pss_mb(p.pid)
+        else:
+            out["other"] += pss_mb(p.pid)
+    out["total"] = out["peer_python"] + out["peer_p2pd"] + out["other"]
+    return out
+
+
+def _name(process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:
+        return ""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="run dir (must not exist)")
+    p.add_argument("--sample", type=float, default=2.0, help="seconds between two memory samples")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("flags", nargs=argparse.REMAINDER, help="-- then mar_fl.py's flags")
+    args = p.parse_args()
+    flags = [f for f in args.flags if f != "--"]
+    cmd = [sys.executable, os.path.join(ROOT, "mar_fl.py"), *flags, "--run-dir", args.out, "--wandb", "disabled"]
+    if os.environ.get("MARFL_DATA_DIR") and "--data-dir" not in flags:
+        cmd += ["--data-dir", os.environ["MARFL_DATA_DIR"]]
+    metrics = os.path.join(args.out, "metrics.jsonl")
+    launched = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    peak, first_row_at = {}, None
+    while proc.poll() is None:
+        sample = memory_by_kind(proc.pid)
+        if sample.get("total", 0) > peak.get("total", 0):
+            peak = sample
+        if first_row_at is None and os.path.exists(metrics) and os.path.getsize(metrics) > 0:
+            first_row_at = time.time()
+        time.sleep(args.sample)
+    with open(metrics) as f:
+        rows = [json.loads(line) for line in f]
+    per_peer = {k: peak[k] / max(1, peak["peers"]) for k in ("peer_python", "peer_p2pd")} if peak else {}
+    out = {
+        "command": " ".join(flags), "exit_code": proc.returncode,
+        "start_seconds": (first_row_at - launched - rows[0]["round_seconds"]) if first_row_at and rows else None,
+        "rounds": [{k: r.get(k) for k in ("round", "round_seconds", "train_seconds", "aggregation_seconds",
+                                          "failed_steps", "test_accuracy")} for r in rows],
+        "median_round_seconds": statistics.median(r["round_seconds"] for r in rows) if rows else None,
+        "median_train_seconds": statistics.median(r["train_seconds"] for r in rows) if rows else None,
+        "median_aggregation_seconds": statistics.median(r["aggregation_seconds"] for r in rows) if rows else None,
+        "peak_pss_mb": peak, "pss_mb_per_peer": per_peer,
+    }
+    if args.json:
+        print(json.dumps(out))
+        return
+    print(f"{out['command']}: exit {out['exit_code']}, start {out['start_seconds']:.1f} s")
+    for r in out["rounds"]:
+        print(f"  round {r['round']}: {r['round_seconds']:.1f} s = train {r['train_seconds']:.1f} + aggregate "
+              f"{r['aggregation_seconds']:.1f} (failed steps {r['failed_steps']})")
+    if peak:
+        print(f"  peak PSS {peak['total']:.0f} MB for {peak['peers']} peers: per peer python "
+              f"{per_peer['peer_python']:.0f} + p2pd {per_peer['peer_p2pd']:.0f} MB; launcher etc. {peak['other']:.0f}")
+
+
+if __name__ == "__main__":
+    main()
