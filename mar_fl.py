@@ -215,8 +215,10 @@ def _watch_launcher(launcher_pid: int) -> None:
 
 def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers: List[str], prefix: str,
                launcher_pid: int, prepared: Dict[str, Any], resume_round: int = 0,
-               run_secret: Optional[bytes] = None, rejoin: bool = False) -> None:
-    """Process entry point of one peer."""
+               run_secret: Optional[bytes] = None, rejoin: bool = False, go: Optional[Any] = None) -> None:
+    """Process entry point of one peer. ``go``: an event the launcher sets once it has spawned all its peers (a
+    peer that starts its network while the others are still being forked slows every later fork down: 64 peers
+    took two minutes just to be spawned)."""
     os.setpgrp()  # its own process group: the launcher can reap the peer's p2pd even after a SIGKILL
 
     def stop(signum, frame):
@@ -227,6 +229,8 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
     _watch_launcher(launcher_pid)
     cfg = config_from_json(cfg_json)
     _setup_peer_logging(run_dir, index, cfg.log_level)
+    if go is not None:
+        go.wait(timeout=cfg.startup_timeout)
     network = None
     try:
         from peer_synchronization import NetworkOptions, PeerNetwork
@@ -235,7 +239,9 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
         options = NetworkOptions(initial_peers=initial_peers, host=cfg.host, announce_host=cfg.announce_host,
                                  nat_port_map=cfg.nat_port_map, startup_timeout=cfg.startup_timeout, prefix=prefix,
                                  run_secret=run_secret)
+        started = time.monotonic()
         network = PeerNetwork(options).start()
+        logger.info("peer %d: network up in %.1f s", index, time.monotonic() - started)
         if is_server(cfg, index):
             run_server(cfg, index=index, run_dir=run_dir, network=network, prefix=prefix, prepared=prepared,
                        resume_round=resume_round)
@@ -311,6 +317,7 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
     if rejoin:
         _rejoin(cfg, state, rt)
     else:
+        logger.info("peer %d: model, data and averager ready", index)
         arrived = barrier(network, f"{prefix}.start", me=index, expected=range(cfg.num_peers),
                           timeout=cfg.startup_timeout)
         logger.info("peer %d: %d/%d peers up, %d batches per round, from round %d", index, len(arrived),
@@ -1186,6 +1193,7 @@ class Launcher:
         # children share the imported torch/hivemind pages copy-on-write
         self._ctx.set_forkserver_preload(_PRELOAD + (["dp_accounting"] if self.cfg.dp else []))
         self._initial_peers = initial_peers
+        self._go = self._ctx.Event()  # set once all are forked; a peer restarted later finds it set
         for index in self.cfg.local_peers():
             if self.cfg.rejoin:  # restarted by hand: like --restart-dead, from the peer's own newest checkpoint
                 newest = newest_intact_checkpoint(self.run_dir, index)
@@ -1196,11 +1204,13 @@ class Launcher:
                 self._spawn(index, resume_round=self.resume_round, rejoin=False)
         if self.cfg.aggregation == "fedavg" and self.primary:
             self._spawn(self.cfg.num_peers, resume_round=self.resume_round, rejoin=False)  # the server
+        self._go.set()
 
     def _spawn(self, index: int, *, resume_round: int, rejoin: bool) -> None:
         proc = self._ctx.Process(target=peer_entry, name=f"peer-{index}",
                                  args=(self.cfg.to_json(), index, self.run_dir, self._initial_peers, self.prefix,
-                                       os.getpid(), self.prepared, resume_round, self.run_secret, rejoin))
+                                       os.getpid(), self.prepared, resume_round, self.run_secret, rejoin,
+                                       self._go))
         proc.start()
         self.procs[index] = proc
 

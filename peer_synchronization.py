@@ -65,6 +65,7 @@ DHT_RPC_TIMEOUT = 10.0
 REDIAL_AFTER = 60.0
 # libp2p backs off from an address for ~5 s after a failed dial; a stream to a group-mate retries for this long
 DIAL_PATIENCE, DIAL_RETRY_INTERVAL = 12.0, 1.0
+BARRIER_POLL_PER_PEER = 0.02  # a barrier of N peers is read at most every max(0.1, 0.02 N) seconds per peer
 ADDRESS_REFRESH_MIN_INTERVAL = 1.0  # re-read the address records at most this often when a peer is unknown
 # a group-mate not yet in the address book (its record may still be on its way) is looked up again with
 # backoff for this long before the exchange goes ahead without a dial
@@ -703,12 +704,18 @@ async def poll_until(check, *, deadline: float, first_delay: float = 0.005, max_
 
 async def async_barrier(
     dht: Any, key: str, *, me: int, expected: Collection[int], timeout: float, ttl: float = 600.0,
-    max_delay: float = 0.1,
+    max_delay: Optional[float] = None,
 ) -> FrozenSet[int]:
-    """Announce ``me`` under ``key`` and wait until all ``expected`` indices arrived or ``timeout`` passes
-    (reading the record at most every ``max_delay`` seconds once the wait is long: every read costs the DHT)."""
+    """Announce ``me`` under ``key`` and wait until all ``expected`` indices arrived or ``timeout`` passes.
+
+    The record is read at most every ``max_delay`` seconds once the wait is long; by default that grows with the
+    number of peers (every waiting peer reads, and every read costs the whole DHT: 64 peers polling every 0.1 s
+    while others still started made a 64-peer start take minutes).
+    """
     await publish(dht, key, str(me), True, ttl=ttl)
     wanted = frozenset(expected)
+    if max_delay is None:
+        max_delay = max(0.1, len(wanted) * BARRIER_POLL_PER_PEER)
     limit = max(wanted | {me}) + 1  # subkeys outside the expected range are nobody we wait for
     arrived: FrozenSet[int] = frozenset({me})
 
@@ -730,7 +737,8 @@ def _barrier_index(subkey: Any, limit: int) -> Optional[int]:
 
 
 def barrier(
-    network: PeerNetwork, key: str, *, me: int, expected: Iterable[int], timeout: float, max_delay: float = 0.1
+    network: PeerNetwork, key: str, *, me: int, expected: Iterable[int], timeout: float,
+    max_delay: Optional[float] = None,
 ) -> FrozenSet[int]:
     """Synchronous wrapper of :func:`async_barrier`; returns the indices that arrived before the deadline."""
     coro = async_barrier(network.dht, key, me=me, expected=list(expected), timeout=timeout, max_delay=max_delay)

@@ -10,7 +10,8 @@
 Peers are forkserver children that preload torch and hivemind, exactly as ``mar_fl.py`` starts them. Each round
 every peer draws fresh random tensors (seeded by peer and round), so the error is measured anew each round.
 Prints: median seconds per MAR round (slowest peer), bytes sent per peer per round, the payload, the max
-deviation from the exact global mean, and memory per peer (PSS of the peer process plus its p2pd).
+deviation from the exact global mean (checked by every peer up to N = 16, by four beyond: ``check_peers``), and
+memory per peer (PSS of the peer process plus its p2pd). ``--transport tcp`` averages over the TCP data plane.
 
 Without ``--hosts`` every peer listens on 127.0.0.1. ``--hosts K`` spreads the peers over K network namespaces
 (``tests/netns.py``, the kit in ``../shared/netns``; needs root), contiguous blocks of peer indices per host as
@@ -404,6 +405,8 @@ def run(args: argparse.Namespace) -> dict:
             statistics.mean(rep["rows"][r]["matchmaking"] for rep in reports) for r in range(1, args.rounds)
         ) if args.rounds > 1 else None,  # mean over peers: DHT matchmaking, before any tensor moves
         "bytes_sent_per_peer": statistics.mean(row["sent"] for rep in reports for row in rep["rows"]),
+        "bytes_sent_per_peer_range": [min(row["sent"] for rep in reports for row in rep["rows"]),
+                                      max(row["sent"] for rep in reports for row in rep["rows"])],
         "payload_bytes": reports[0]["rows"][0]["payload"],
         "max_abs_error": max(errors),
         "failed_steps": sum(row["failed_steps"] for rep in reports for row in rep["rows"]),
