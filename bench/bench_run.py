@@ -46,17 +46,24 @@ def memory_by_kind(launcher: int) -> dict:
     except psutil.Error:
         return {}
     daemons = [p for p in tree if _name(p) == "p2pd"]
-    peers = {p.ppid() for p in daemons} - {launcher}
+    peers = {_parent(p) for p in daemons} - {launcher, None}
     out = {"peers": len(peers), "peer_python": 0.0, "peer_p2pd": 0.0, "other": pss_mb(launcher)}
     for p in tree:
         if p.pid in peers:
             out["peer_python"] += pss_mb(p.pid)
-        elif _name(p) == "p2pd" and p.ppid() in peers:
+        elif _name(p) == "p2pd" and _parent(p) in peers:
             out["peer_p2pd"] += pss_mb(p.pid)
         else:
             out["other"] += pss_mb(p.pid)
     out["total"] = out["peer_python"] + out["peer_p2pd"] + out["other"]
     return out
+
+
+def _parent(process):
+    try:
+        return process.ppid()
+    except psutil.Error:  # it exited while we looked
+        return None
 
 
 def _name(process) -> str:
