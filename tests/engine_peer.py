@@ -48,6 +48,19 @@ def initial_tensors(index: int):
     return [torch.randn(200_000, generator=g), torch.randn(37, 11, generator=g)]
 
 
+def load_result(out_dir, i):
+    """What engine peer ``i`` ended with: ``(tensors, report)`` (report: members per step, bytes sent, failed
+    steps)."""
+    tensors = torch.load(os.path.join(out_dir, f"peer{i}.pt"))
+    with open(os.path.join(out_dir, f"peer{i}.pt.json")) as f:
+        return tensors, json.load(f)
+
+
+def mean_of(indices):
+    """The exact mean of the initial tensors of peers ``indices``."""
+    return [torch.stack([initial_tensors(i)[k] for i in indices]).mean(0) for k in range(2)]
+
+
 EVIL_MODES = {"nan", "shape", "dtype", "weight", "delta", "diverged"}
 
 

@@ -1,12 +1,11 @@
 """Integration: real hivemind peers (separate processes) averaging over libp2p on 127.0.0.1."""
-import json
 import signal
 
 import pytest
 import torch
 
 from conftest import alive
-from engine_peer import initial_tensors, run_engine_peers
+from engine_peer import initial_tensors, load_result, mean_of, run_engine_peers
 from peer_synchronization import NetworkOptions, PeerNetwork
 
 N, GS, NI = 8, 2, 3
@@ -26,24 +25,13 @@ def run_peers(tmp_path, maddrs, *, live, die=None, compression="none"):
     return run_engine_peers(str(tmp_path), maddrs, live=live, num_peers=N, gs=GS, ni=NI, extra=extra)
 
 
-def load(tmp_path, i):
-    tensors = torch.load(tmp_path / f"peer{i}.pt")
-    with open(tmp_path / f"peer{i}.pt.json") as f:
-        return tensors, json.load(f)
-
-
-def mean_of(indices):
-    stacks = [torch.stack([initial_tensors(i)[k] for i in indices]) for k in range(2)]
-    return [s.mean(0) for s in stacks]
-
-
 def test_all_present_reach_exact_global_mean(tmp_path, bootstrap):
     codes = run_peers(tmp_path, bootstrap, live=list(range(N)))
     assert codes == {i: 0 for i in range(N)}
     target = mean_of(range(N))
     sent = []
     for i in range(N):
-        tensors, report = load(tmp_path, i)
+        tensors, report = load_result(tmp_path, i)
         assert [len(m) for m in report["members"]] == [GS] * NI
         for got, want in zip(tensors, target):
             assert (got - want).abs().max().item() < 1e-5
@@ -54,7 +42,7 @@ def test_all_present_reach_exact_global_mean(tmp_path, bootstrap):
 
 
 def _assert_survivors_average_among_themselves(tmp_path, survivors, *, exact_mass):
-    finals = {i: load(tmp_path, i) for i in survivors}
+    finals = {i: load_result(tmp_path, i) for i in survivors}
     start = mean_of(survivors)
     for k in range(2):
         stack = torch.stack([finals[i][0][k] for i in survivors])
@@ -70,7 +58,7 @@ def test_absent_peer_does_not_block_the_others(tmp_path, bootstrap):
     codes = run_peers(tmp_path, bootstrap, live=survivors)
     assert codes == {i: 0 for i in survivors}
     for i in survivors:
-        _, report = load(tmp_path, i)
+        _, report = load_result(tmp_path, i)
         assert all(N - 1 not in members for members in report["members"])
     _assert_survivors_average_among_themselves(tmp_path, survivors, exact_mass=True)
 
@@ -89,7 +77,7 @@ def test_fp16_compression_halves_traffic(tmp_path, bootstrap):
     codes = run_peers(tmp_path, bootstrap, live=list(range(N)), compression="fp16")
     assert set(codes.values()) == {0}
     target = mean_of(range(N))
-    finals = [load(tmp_path, i) for i in range(N)]
+    finals = [load_result(tmp_path, i) for i in range(N)]
     ideal = 2 * (GS - 1) / GS * NI * sum(t.numel() * 4 for t in initial_tensors(0))
     assert sum(report["sent"] for _, report in finals) / N < 0.6 * ideal
     for tensors, _ in finals:

@@ -37,6 +37,28 @@ def final_models(run_dir):
     return models
 
 
+def assert_one_global_model_and_completed(run_dir):
+    models = final_models(run_dir)
+    for model in models[1:]:
+        for name, tensor in model.items():
+            assert (tensor - models[0][name]).abs().max().item() < 1e-5, name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["failed_steps"] == 0
+
+
+def run_on_three_hosts(run_dir, data_dir, hosts, *extra, host):
+    """One launcher per host, peers 0-2 / 3-5 / 6-8, listening on ``host(i)``; all must exit 0."""
+    procs = []
+    for i in range(3):
+        flags = ["--peer-range", f"{3 * i}-{3 * i + 2}", "--host", host(i), *extra]
+        if i:
+            flags += ["--initial-peers", str(run_dir / "bootstrap.json")]
+        procs.append(subprocess.Popen(hosts.wrap(i, mar_fl(run_dir, data_dir, *flags)),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(err[-2000:] for _, err in outputs)
+
+
 @pytest.fixture
 def three_hosts():
     hosts = netns.up(3, tag="mh")
@@ -59,15 +81,7 @@ def test_three_hosts_average_exactly_like_one_host(tmp_path, data_dir, one_host_
     """One launcher per host, peers 0-2 / 3-5 / 6-8: the same rows (bar timing) and bytes as on one host, every
     peer ends with the same global model, no step failed."""
     run_dir = tmp_path / "run"
-    procs = []
-    for i in range(3):
-        extra = ["--peer-range", f"{3 * i}-{3 * i + 2}", "--host", three_hosts.address(i)]
-        if i:
-            extra += ["--initial-peers", str(run_dir / "bootstrap.json")]
-        procs.append(subprocess.Popen(three_hosts.wrap(i, mar_fl(run_dir, data_dir, *extra)),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=900) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(err[-2000:] for _, err in outputs)
+    run_on_three_hosts(run_dir, data_dir, three_hosts, host=three_hosts.address)
 
     bootstrap = json.loads((run_dir / "bootstrap.json").read_text())["initial_peers"]
     assert all(m.startswith(f"/ip4/{three_hosts.address(0)}/") for m in bootstrap)
@@ -76,12 +90,7 @@ def test_three_hosts_average_exactly_like_one_host(tmp_path, data_dir, one_host_
     for got, want in zip(multi, single):
         assert got["failed_steps"] == 0 and got["bytes_sent_per_peer"] > 0
         assert {k: v for k, v in got.items() if k not in TIMING} == {k: v for k, v in want.items() if k not in TIMING}
-    models = final_models(run_dir)
-    for model in models[1:]:
-        for name, tensor in model.items():
-            assert (tensor - models[0][name]).abs().max().item() < 1e-5, name
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["failed_steps"] == 0
+    assert_one_global_model_and_completed(run_dir)
     logs = "".join(open(os.path.join(run_dir, "logs", name)).read() for name in os.listdir(run_dir / "logs"))
     assert "kept local" not in logs and "step aborted" not in logs
 
@@ -110,16 +119,8 @@ def test_three_hosts_average_exactly_over_the_tcp_plane(tmp_path, data_dir, one_
     address would not connect across namespaces); the same losses and accuracy as the libp2p run on one host, one
     global model on every peer, no step failed; peers on host 1 listen on ``0.0.0.0`` and announce its address."""
     run_dir = tmp_path / "run"
-    procs = []
-    for i in range(3):
-        extra = ["--peer-range", f"{3 * i}-{3 * i + 2}", "--host", "0.0.0.0" if i == 1 else three_hosts.address(i),
-                 "--transport", "tcp"]
-        if i:
-            extra += ["--initial-peers", str(run_dir / "bootstrap.json")]
-        procs.append(subprocess.Popen(three_hosts.wrap(i, mar_fl(run_dir, data_dir, *extra)),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=900) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(err[-2000:] for _, err in outputs)
+    run_on_three_hosts(run_dir, data_dir, three_hosts, "--transport", "tcp",
+                       host=lambda i: "0.0.0.0" if i == 1 else three_hosts.address(i))
     multi, single = rows(run_dir), rows(one_host_run)
     assert [r["round"] for r in multi] == list(range(1, ROUNDS + 1))
     for got, want in zip(multi, single):
@@ -129,9 +130,4 @@ def test_three_hosts_average_exactly_over_the_tcp_plane(tmp_path, data_dir, one_
             assert got["test_accuracy"] is None
         else:
             assert got["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=0.2)
-    models = final_models(run_dir)
-    for model in models[1:]:
-        for name, tensor in model.items():
-            assert (tensor - models[0][name]).abs().max().item() < 1e-5, name
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["failed_steps"] == 0
+    assert_one_global_model_and_completed(run_dir)

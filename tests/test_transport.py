@@ -1,7 +1,6 @@
 """``--transport tcp``: the authenticated TCP data plane (unit tests on two planes) and real peers averaging on it
 (exact means, byte accounting, absent / killed / bad group-mates, direct matchmaking with its DHT fallback)."""
 import asyncio
-import json
 import signal
 import socket
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from conftest import alive
-from engine_peer import TCP_SECRET, initial_tensors, run_engine_peers
+from engine_peer import TCP_SECRET, initial_tensors, load_result, mean_of, run_engine_peers
 from peer_synchronization import (
     MAX_UNCLAIMED_FRAMES,
     NetworkOptions,
@@ -157,23 +156,13 @@ def run_peers(tmp_path, maddrs, *, live, die=None, evil=None, num_peers=N, gs=GS
     return run_engine_peers(str(tmp_path), maddrs, live=live, num_peers=num_peers, gs=gs, ni=ni, extra=extra)
 
 
-def load(tmp_path, i):
-    tensors = torch.load(tmp_path / f"peer{i}.pt")
-    with open(tmp_path / f"peer{i}.pt.json") as f:
-        return tensors, json.load(f)
-
-
-def mean_of(indices):
-    return [torch.stack([initial_tensors(i)[k] for i in indices]).mean(0) for k in range(2)]
-
-
 def test_tcp_peers_reach_the_exact_mean_and_count_every_byte(tmp_path, bootstrap):
     codes = run_peers(tmp_path, bootstrap, live=list(range(N)))
     assert codes == {i: 0 for i in range(N)}
     target = mean_of(range(N))
     payload = sum(t.numel() * 4 for t in initial_tensors(0))
     for i in range(N):
-        tensors, report = load(tmp_path, i)
+        tensors, report = load_result(tmp_path, i)
         assert [len(m) for m in report["members"]] == [GS] * NI and report["failed_steps"] == 0
         for got, want in zip(tensors, target):
             assert (got - want).abs().max().item() < 1e-5
@@ -187,7 +176,7 @@ def test_tcp_absent_peer_falls_back_to_the_dht_and_does_not_block(tmp_path, boot
     survivors = list(range(N - 1))  # peer 7 is a participant but never shows up
     codes = run_peers(tmp_path, bootstrap, live=survivors)
     assert codes == {i: 0 for i in survivors}
-    finals = {i: load(tmp_path, i) for i in survivors}
+    finals = {i: load_result(tmp_path, i) for i in survivors}
     assert all(N - 1 not in members for _, report in finals.values() for members in report["members"])
     start = mean_of(survivors)
     for k in range(2):  # averaging only among survivors conserves their sum exactly
@@ -204,7 +193,7 @@ def test_tcp_peer_killed_mid_step_does_not_block_the_others(tmp_path, bootstrap)
     assert not alive(int(open(tmp_path / f"peer{N - 1}.pt.pid").read()))
     start = mean_of(survivors)
     for i in survivors:
-        for k, got in enumerate(load(tmp_path, i)[0]):
+        for k, got in enumerate(load_result(tmp_path, i)[0]):
             assert bool(torch.isfinite(got).all())
             init = torch.stack([initial_tensors(j)[k] for j in survivors])
             assert (got - start[k]).abs().max().item() < (init - start[k]).abs().max().item()
@@ -218,7 +207,7 @@ def test_tcp_bad_groupmate_never_breaks_the_honest_peers(tmp_path, bootstrap, mo
     assert "rejected data from peer 2" in logs
     own = [initial_tensors(i) for i in range(3)]
     for i in (0, 1):
-        tensors, report = load(tmp_path, i)
+        tensors, report = load_result(tmp_path, i)
         assert report["members"] == [[0, 1, 2]] and report["failed_steps"] == 1
         for k, got in enumerate(tensors):  # local values, the honest mean, or the mean of all three (shard 2)
             candidates = (own[i][k], (own[0][k] + own[1][k]) / 2, sum(o[k] for o in own) / 3)
