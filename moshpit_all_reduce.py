@@ -904,7 +904,8 @@ class MoshpitAverager:
         try:
             for i in others:
                 if i not in unreachable:
-                    traffic.sent += await plane.send(i, join_id, _JOIN, view if eligible else b"")
+                    sent = await plane.send(i, join_id, _JOIN, view if eligible else b"")
+                    traffic.sent += sent
             if eligible and not unreachable:
                 joined = await asyncio.gather(*(plane.receive(i, join_id, _JOIN, timeout=deadline - time.monotonic())
                                                 for i in others), return_exceptions=True)
@@ -947,7 +948,8 @@ class MoshpitAverager:
 
         async def send(peer: int, phase: int, values: torch.Tensor) -> None:
             try:
-                traffic.sent += await plane.send(peer, group_id, phase, values.numpy())
+                sent = await plane.send(peer, group_id, phase, values.numpy())
+                traffic.sent += sent  # not `+= await`: that reads the count before the await, losing concurrent sends
             except PlaneError as e:
                 logger.warning("group %s: sending to peer %d failed: %r", key, peer, e)
                 lost.add(peer)

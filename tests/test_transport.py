@@ -156,20 +156,21 @@ def run_peers(tmp_path, maddrs, *, live, die=None, evil=None, num_peers=N, gs=GS
     return run_engine_peers(str(tmp_path), maddrs, live=live, num_peers=num_peers, gs=gs, ni=ni, extra=extra)
 
 
-def test_tcp_peers_reach_the_exact_mean_and_count_every_byte(tmp_path, bootstrap):
-    codes = run_peers(tmp_path, bootstrap, live=list(range(N)))
-    assert codes == {i: 0 for i in range(N)}
-    target = mean_of(range(N))
+@pytest.mark.parametrize("n, gs, ni", [(N, GS, NI), (4, 4, 1)])  # gs 4: three frames in flight per phase
+def test_tcp_peers_reach_the_exact_mean_and_count_every_byte(tmp_path, bootstrap, n, gs, ni):
+    codes = run_peers(tmp_path, bootstrap, live=list(range(n)), num_peers=n, gs=gs, ni=ni)
+    assert codes == {i: 0 for i in range(n)}
+    target = mean_of(range(n))
     payload = sum(t.numel() * 4 for t in initial_tensors(0))
-    for i in range(N):
+    for i in range(n):
         tensors, report = load_result(tmp_path, i)
-        assert [len(m) for m in report["members"]] == [GS] * NI and report["failed_steps"] == 0
+        assert [len(m) for m in report["members"]] == [gs] * ni and report["failed_steps"] == 0
         for got, want in zip(tensors, target):
             assert (got - want).abs().max().item() < 1e-5
-        # per step: the shard to the group-mate, the averaged shard back (each framed) and one JOIN frame
-        shard = payload // 4 // GS * 4
-        framed = NI * (2 * (GS - 1) * frame_bytes(shard) + (GS - 1) * frame_bytes(32))
-        assert abs(report["sent"] - framed) <= NI * 2 * (GS - 1) * 4, (report["sent"], framed)
+        # per step: a shard to each group-mate, the averaged shard back to each (framed) and one JOIN frame each
+        shard = payload // 4 // gs * 4
+        framed = ni * (2 * (gs - 1) * frame_bytes(shard) + (gs - 1) * frame_bytes(32))
+        assert abs(report["sent"] - framed) <= ni * 2 * (gs - 1) * 4, (report["sent"], framed)
 
 
 def test_tcp_absent_peer_falls_back_to_the_dht_and_does_not_block(tmp_path, bootstrap):
