@@ -216,9 +216,9 @@ def _watch_launcher(launcher_pid: int) -> None:
 def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers: List[str], prefix: str,
                launcher_pid: int, prepared: Dict[str, Any], resume_round: int = 0,
                run_secret: Optional[bytes] = None, rejoin: bool = False, go: Optional[Any] = None) -> None:
-    """Process entry point of one peer. ``go``: an event the launcher sets once it has spawned all its peers (a
-    peer that starts its network while the others are still being forked slows every later fork down: 64 peers
-    took two minutes just to be spawned)."""
+    """Process entry point of one peer. ``go``: the read end of a pipe whose write end the launcher closes once it
+    has spawned all its peers (a peer that starts its network while the others are still being forked slows every
+    later fork down: 64 peers took two minutes just to be spawned)."""
     os.setpgrp()  # its own process group: the launcher can reap the peer's p2pd even after a SIGKILL
 
     def stop(signum, frame):
@@ -230,7 +230,8 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
     cfg = config_from_json(cfg_json)
     _setup_peer_logging(run_dir, index, cfg.log_level)
     if go is not None:
-        go.wait(timeout=cfg.startup_timeout)
+        go.poll(cfg.startup_timeout)  # returns at the launcher's close (EOF), whatever is sent
+        go.close()
     network = None
     try:
         from peer_synchronization import NetworkOptions, PeerNetwork
@@ -1153,6 +1154,7 @@ class Launcher:
         self.watchdog = None
         self.prefix = f"marfl.{os.path.basename(os.path.abspath(run_dir))}.s{cfg.seed}"
         self.procs: Dict[int, Any] = {}
+        self._go: Optional[Any] = None  # read end of the start gate while peers are being forked (_spawn_peers)
         self.network = None
         self.run_secret: Optional[bytes] = None
         self.stop_reason: Optional[str] = None
@@ -1193,7 +1195,8 @@ class Launcher:
         # children share the imported torch/hivemind pages copy-on-write
         self._ctx.set_forkserver_preload(_PRELOAD + (["dp_accounting"] if self.cfg.dp else []))
         self._initial_peers = initial_peers
-        self._go = self._ctx.Event()  # set once all are forked; a peer restarted later finds it set
+        # closed once all are forked (no semaphore: nothing for the resource tracker); later restarts get None
+        self._go, go_writer = self._ctx.Pipe(duplex=False)
         for index in self.cfg.local_peers():
             if self.cfg.rejoin:  # restarted by hand: like --restart-dead, from the peer's own newest checkpoint
                 newest = newest_intact_checkpoint(self.run_dir, index)
@@ -1204,7 +1207,9 @@ class Launcher:
                 self._spawn(index, resume_round=self.resume_round, rejoin=False)
         if self.cfg.aggregation == "fedavg" and self.primary:
             self._spawn(self.cfg.num_peers, resume_round=self.resume_round, rejoin=False)  # the server
-        self._go.set()
+        go_writer.close()
+        self._go.close()
+        self._go = None
 
     def _spawn(self, index: int, *, resume_round: int, rejoin: bool) -> None:
         proc = self._ctx.Process(target=peer_entry, name=f"peer-{index}",
