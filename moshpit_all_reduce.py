@@ -897,9 +897,10 @@ class MoshpitAverager:
         others = sorted(expected - {me})
         join_id = hashlib.sha256(b"join" + key.encode()).digest()[:20]
         view = hashlib.sha256(repr(sorted(expected)).encode()).digest()
-        eligible = not self._deviated and not any(
-            self.liveness.presumed_gone(i) or i in self.excluded for i in others)
-        unreachable = await self._connect(others)
+        gone = {i for i in others if self.liveness.presumed_gone(i)}
+        eligible = not self._deviated and not gone and not self.excluded.intersection(others)
+        # a peer presumed gone is not dialled (its stale endpoint would refuse dials for DIAL_PATIENCE every step)
+        unreachable = gone | await self._connect([i for i in others if i not in gone])
         joined = []
         try:
             for i in others:
