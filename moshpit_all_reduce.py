@@ -1311,6 +1311,9 @@ class MoshpitAverager:
         report.bytes_sent, report.bytes_received = traffic.sent, traffic.received
         report.matchmaking_seconds = matched - started
         report.seconds = time.monotonic() - started
+        logger.debug("group %s: members %s, met %s in %.2f s, step %.2f s", key, indices,
+                     "directly" if direct and not self._deviated else "via the DHT", report.matchmaking_seconds,
+                     report.seconds)
         return report, payload
 
     def average(

@@ -123,6 +123,12 @@ def test_strangers_get_no_model_and_cannot_join_an_exchange(closed_run):
     member.run(register(), timeout=30)
 
     async def steal():
+        from hivemind.utils.multiaddr import Multiaddr
+
+        # the run's address records are closed to it: it dials the member at an address it learned elsewhere
+        suffix = Multiaddr(f"/p2p/{member.p2p.peer_id}")
+        addrs = [Multiaddr(m).decapsulate(suffix) for m in member.visible_maddrs()]
+        await stranger.p2p._client.connect(member.p2p.peer_id, addrs)
         stub = MoshpitServicer.get_stub(stranger.p2p, member.p2p.peer_id, namespace="closed")
         stream = await stub.rpc_gather(averaging_pb2.AveragingData(group_id=group_id))
         return [msg async for msg in stream]
