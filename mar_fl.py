@@ -55,14 +55,14 @@ class PeerStopped(SystemExit):
     """Raised in a peer by SIGTERM/SIGINT so that every ``finally`` (daemon shutdown) runs."""
 
 
-def configure_peer_environment(transport: str = "libp2p") -> None:
+def configure_peer_environment() -> None:
     """Environment the forkserver (and so every peer and its p2pd) starts with; memory decides how many fit."""
     # the forkserver imports hivemind, whose torch.jit use warns on stderr at import: keep the console clean
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     # glibc gives each thread its own heap arena; the averager's worker threads would each keep tens of MB
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
-    if transport == "tcp":  # p2pd only carries the DHT: collect its Go heap more often (bench/RESULTS.md)
-        os.environ.setdefault("GOGC", "25")
+    # Go's default GC pace for p2pd: GOGC=25 saved ≈ 15 MB per daemon but tripled its idle CPU (64 daemons took
+    # ≈ 1.5 of 2 cores between rounds; bench/RESULTS.md)
 
 
 def release_freed_memory() -> None:
@@ -298,7 +298,7 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
 
     from config_setup import kd_rounds_for, mini_batches_per_round
     from ml_tasks import get_task
-    from moshpit_all_reduce import AveragerOptions, MarSchedule, MoshpitAverager
+    from moshpit_all_reduce import AveragerOptions, MarSchedule, MoshpitAverager, heartbeat_interval_for
     from peer_aggregation_logic import make_aggregator
     from peer_synchronization import barrier
 
@@ -308,7 +308,8 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
     averager = MoshpitAverager(network, AveragerOptions(
         prefix=prefix, index=index, compression=cfg.compression,
         matchmaking_timeout=cfg.matchmaking_timeout, allreduce_timeout=cfg.allreduce_timeout,
-        num_peers=process_count(cfg), transport=cfg.transport))
+        num_peers=process_count(cfg), transport=cfg.transport,
+        heartbeat_interval=heartbeat_interval_for(process_count(cfg))))
     rt = PeerRuntime(task=task, prepared=prepared, train=train, test=test,
                      test_idx=own_test_indices(cfg, train, test, index),
                      num_batches=mini_batches_per_round(cfg, num_samples=len(train)), averager=averager,
@@ -372,7 +373,7 @@ def run_server(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str
     (star topology, through the same engine and wire checks as MAR) and sends the mean back. It holds no data
     and no model of its own, only tensors of the right shapes; its traffic is logged as the server's."""
     from ml_tasks import get_task
-    from moshpit_all_reduce import AveragerOptions, MoshpitAverager
+    from moshpit_all_reduce import AveragerOptions, MoshpitAverager, heartbeat_interval_for
     from peer_aggregation_logic import fedavg_key, server_tensors
     from peer_synchronization import aggregation_participants, barrier
 
@@ -380,7 +381,8 @@ def run_server(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str
     like = server_tensors(cfg, task.trainable(task.make_model(prepared)))
     averager = MoshpitAverager(network, AveragerOptions(
         prefix=prefix, index=index, compression=cfg.compression, matchmaking_timeout=cfg.matchmaking_timeout,
-        allreduce_timeout=cfg.allreduce_timeout, num_peers=process_count(cfg)))
+        allreduce_timeout=cfg.allreduce_timeout, num_peers=process_count(cfg),
+        heartbeat_interval=heartbeat_interval_for(process_count(cfg))))
     barrier(network, f"{prefix}.start", me=index, expected=range(cfg.num_peers), timeout=cfg.startup_timeout)
     state = ServerState(round_index=resume_round)
     with open(os.path.join(run_dir, "peers", f"peer_{index:04d}.jsonl"), "a", buffering=1) as out:
@@ -1197,7 +1199,7 @@ class Launcher:
 
     def _spawn_peers(self, initial_peers: List[str]) -> None:
         self._ctx = mp.get_context("forkserver")
-        configure_peer_environment(self.cfg.transport)
+        configure_peer_environment()
         # children share the imported torch/hivemind pages copy-on-write
         self._ctx.set_forkserver_preload(_PRELOAD + (["dp_accounting"] if self.cfg.dp else []))
         self._initial_peers = initial_peers

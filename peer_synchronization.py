@@ -522,7 +522,7 @@ class PeerNetwork:
     async def _publish_address_forever(self) -> None:
         """Keep our address record fresh for as long as we run (it expires if we die)."""
         while True:
-            await asyncio.sleep(min(30.0, self.options.address_ttl / 3))
+            await asyncio.sleep(self.options.address_ttl / 3)
             await self._publish_address()
 
     async def refresh_addresses(self) -> int:
@@ -1057,7 +1057,7 @@ class TcpPlane:
         except asyncio.CancelledError:
             sock.close()
             raise
-        except (OSError, struct.error, EOFError) as e:
+        except (OSError, struct.error) as e:
             self._drop(peer, sock, e)
 
     async def send(self, peer: int, group_id: bytes, phase: int, payload) -> int:
@@ -1118,8 +1118,8 @@ class TcpPlane:
 
 
 async def _recv_exactly(sock, size: int, timeout: Optional[float]) -> np.ndarray:
-    """``size`` bytes from a non-blocking socket, straight into one (uninitialised) uint8 array; EOFError if the
-    connection closes first."""
+    """``size`` bytes from a non-blocking socket, straight into one (uninitialised) uint8 array; :class:`PlaneError`
+    (an ``OSError``, like every other way a connection fails) if it closes first."""
     buffer = np.empty(size, dtype=np.uint8)
     view, got = memoryview(buffer), 0
     loop = asyncio.get_running_loop()
@@ -1130,7 +1130,7 @@ async def _recv_exactly(sock, size: int, timeout: Optional[float]) -> np.ndarray
         else:
             n = await asyncio.wait_for(loop.sock_recv_into(sock, view[got:]), max(0.0, deadline - time.monotonic()))
         if n == 0:
-            raise EOFError(f"connection closed after {got} of {size} bytes")
+            raise PlaneError(f"connection closed after {got} of {size} bytes")
         got += n
     return buffer
 

@@ -267,7 +267,7 @@ def run_peers(conf: dict, indices, host: str, maddrs) -> list:
     from mar_fl import configure_peer_environment
 
     ctx = mp.get_context("forkserver")
-    configure_peer_environment(conf["transport"])  # the same environment mar_fl.py gives its peers
+    configure_peer_environment()  # the same environment mar_fl.py gives its peers
     ctx.set_forkserver_preload(["torch", "hivemind", "moshpit_all_reduce"])
     results = ctx.Queue()
     procs = [ctx.Process(target=worker, args=(i, dict(conf, host=host), maddrs, results)) for i in indices]

@@ -9,7 +9,9 @@ set, ``--data-dir`` are added). Every ``--sample`` seconds the script reads the 
 every process under the launcher and adds it up per kind: peer processes, their ``p2pd`` daemons, the launcher's
 own (launcher, forkserver, its ``p2pd``). Printed, from ``metrics.jsonl``: per round ``round_seconds`` (the
 slowest peer), ``train_seconds`` and ``aggregation_seconds`` (means over peers; the rest of a round is testing and
-waiting for the slowest); ``start_seconds``: launch until round 1's training began (the time round 1's row was
+waiting for the slowest); ``period_seconds``: how much later round r ended than round r - 1 (the run's pace,
+without the drift of early peers waiting in a round for late ones); ``slowest_train_seconds``: the slowest peer's
+training (from ``peers/*.jsonl``); ``start_seconds``: launch until round 1's training began (the time round 1's row was
 written minus its ``round_seconds``: spawning, data loading, ``p2pd`` and DHT start-up, the start barrier);
 ``peak_pss_mb``: the largest total seen, with the per-peer split at that moment.
 """
@@ -73,6 +75,19 @@ def _name(process) -> str:
         return ""
 
 
+def slowest_training(run_dir: str) -> dict:
+    """Round -> the longest ``train_seconds`` any peer reported for it."""
+    slowest: dict = {}
+    peers = os.path.join(run_dir, "peers")
+    for name in sorted(os.listdir(peers)) if os.path.isdir(peers) else []:
+        with open(os.path.join(peers, name)) as f:
+            for line in f:
+                row = json.loads(line)
+                if "train_seconds" in row:
+                    slowest[row["round"]] = max(slowest.get(row["round"], 0.0), row["train_seconds"])
+    return slowest
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run dir (must not exist)")
@@ -98,11 +113,16 @@ def main() -> None:
     with open(metrics) as f:
         rows = [json.loads(line) for line in f]
     per_peer = {k: peak[k] / max(1, peak["peers"]) for k in ("peer_python", "peer_p2pd")} if peak else {}
+    slowest = slowest_training(args.out)
+    for previous, row in zip([None, *rows], rows):
+        row["period_seconds"] = row["elapsed_seconds"] - previous["elapsed_seconds"] if previous else None
+        row["slowest_train_seconds"] = slowest.get(row["round"])
     out = {
         "command": " ".join(flags), "exit_code": proc.returncode,
         "start_seconds": (first_row_at - launched - rows[0]["round_seconds"]) if first_row_at and rows else None,
         "rounds": [{k: r.get(k) for k in ("round", "round_seconds", "train_seconds", "aggregation_seconds",
-                                          "failed_steps", "test_accuracy")} for r in rows],
+                                          "failed_steps", "test_accuracy", "period_seconds",
+                                          "slowest_train_seconds")} for r in rows],
         "median_round_seconds": statistics.median(r["round_seconds"] for r in rows) if rows else None,
         "median_train_seconds": statistics.median(r["train_seconds"] for r in rows) if rows else None,
         "median_aggregation_seconds": statistics.median(r["aggregation_seconds"] for r in rows) if rows else None,
@@ -113,8 +133,10 @@ def main() -> None:
         return
     print(f"{out['command']}: exit {out['exit_code']}, start {out['start_seconds']:.1f} s")
     for r in out["rounds"]:
-        print(f"  round {r['round']}: {r['round_seconds']:.1f} s = train {r['train_seconds']:.1f} + aggregate "
-              f"{r['aggregation_seconds']:.1f} (failed steps {r['failed_steps']})")
+        pace = f", {r['period_seconds']:.1f} s after the previous one" if r["period_seconds"] else ""
+        print(f"  round {r['round']}: {r['round_seconds']:.1f} s = train {r['train_seconds']:.1f} (slowest "
+              f"{r['slowest_train_seconds']:.1f}) + aggregate {r['aggregation_seconds']:.1f} (failed steps "
+              f"{r['failed_steps']}){pace}")
     if peak:
         print(f"  peak PSS {peak['total']:.0f} MB for {peak['peers']} peers: per peer python "
               f"{per_peer['peer_python']:.0f} + p2pd {per_peer['peer_p2pd']:.0f} MB; launcher etc. {peak['other']:.0f}")
