@@ -496,7 +496,7 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
                       mar_steps=len(result.report.steps), failed_steps=result.report.failed_steps,
                       timed_out_steps=result.report.timed_out_steps)
     aggregated = time.time()
-    if aggregating:
+    if aggregating and len(participants) < cfg.num_peers:  # only peers sitting this round out read it
         announce_round_done(rt.averager.network, round_done_key(rt.averager.options.prefix, round_index),
                             me=state.index)
     # a run stopped for good is evaluated at its last round; a cut one is not (it resumes as if never cut)
