@@ -125,3 +125,40 @@ def test_wait_for_round_ends_when_every_running_participant_is_done(networks):
     waited = wait_for_round(networks[0], other, me=0, participants={1, 2}, round_index=4, num_peers=3,
                             running=lambda: {1: 4}, patience=0.5)
     assert waited.pending == {2}
+
+
+def test_a_dht_call_made_by_an_address_refresh_does_not_wait_for_that_refresh(monkeypatch):
+    # the refresh's own DHT calls meet nodes not yet in the address book; had they waited for the refresh they
+    # belong to, every first contact would have cost a timeout (8-9 s on a group's first step)
+    import asyncio
+    import time
+
+    import peer_synchronization
+
+    net = PeerNetwork(NetworkOptions())
+    inner = []
+
+    async def slow_read_with_a_routed_call(dht, key):
+        await asyncio.sleep(1.2)  # a slow read: past the refresh spacing, so a lookup may start waiting
+        started = time.monotonic()
+        inner.append(await net._lookup_address(b"a node the read met"))
+        inner.append(time.monotonic() - started)
+        return {}
+
+    monkeypatch.setattr(peer_synchronization, "read_subkeys", slow_read_with_a_routed_call)
+    outer = asyncio.run(asyncio.wait_for(net._lookup_address(b"a group-mate"), 5))
+    assert outer == [] and inner[0] == []
+    assert inner[1] < 0.5  # answered from what is known, at once
+
+
+def test_daemons_start_without_libp2ps_own_dht(no_new_p2pd):
+    # peers find each other through hivemind's DHT and the run's address records; p2pd's Kademlia DHT would only
+    # slow its start (≈ 4×) and add background traffic
+    import psutil
+
+    net = PeerNetwork(NetworkOptions()).start()
+    try:
+        args = psutil.Process(net.p2p._child.pid).cmdline()
+        assert args and not [a for a in args if a.split("=")[0] in ("-dht", "-dhtServer", "-dhtClient")]
+    finally:
+        net.shutdown()
