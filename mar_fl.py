@@ -766,6 +766,7 @@ class MetricsCollector:
     run_start: Optional[float] = None
     first_round: int = 1
     elapsed_offset: float = 0.0  # a resumed run's clock continues from its checkpointed round
+    dead_after: Dict[int, int] = field(default_factory=dict)  # dead peer -> its newest round when first seen dead
 
     def _read_new(self) -> None:
         for index, path in self._peer_files():
@@ -821,8 +822,16 @@ class MetricsCollector:
             start = rec["t_start"] - self.elapsed_offset
             self.run_start = min(self.run_start or start, start)
 
+    def _still_dead(self, dead: Sequence[int]) -> Set[int]:
+        """``dead`` less the peers that reported a round after they died: restarted elsewhere (``--rejoin`` by
+        hand, another launcher), they are waited for again like any live peer."""
+        for peer in dead:
+            self.dead_after.setdefault(peer, self.newest_by_peer.get(peer, 0))
+        return {p for p in dead if self.newest_by_peer.get(p, 0) <= self.dead_after[p]}
+
     def poll(self, *, dead: Sequence[int] = (), final: bool = False) -> List[Dict[str, Any]]:
         self._read_new()
+        dead = self._still_dead(dead)
         rows = []
         while self.next_round in self.pending:
             records = self.pending[self.next_round]

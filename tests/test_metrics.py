@@ -71,6 +71,26 @@ def test_collector_waits_for_slow_peers_but_not_for_dead_ones(tmp_path):
     assert collector.poll() == []  # a late record of an already reported round is dropped
 
 
+def test_collector_waits_again_for_a_dead_peer_that_reports_after_its_death(tmp_path):
+    # peer 1 died after round 1 and was restarted elsewhere (--rejoin by hand): once it reports a later round,
+    # the rounds after are pooled with it again instead of without it
+    (tmp_path / "peers").mkdir()
+    a, b = tmp_path / "peers" / "peer_0000.jsonl", tmp_path / "peers" / "peer_0001.jsonl"
+    a.write_text("".join(json.dumps(record(0, r)) + "\n" for r in (1, 2)))
+    b.write_text(json.dumps(record(1, 1)) + "\n")
+    collector = MetricsCollector(str(tmp_path), num_peers=2)
+    assert [r["reporting_peers"] for r in collector.poll(dead=[1])] == [2, 1]  # round 2 without the dead peer
+    with open(b, "a") as f:
+        f.write(json.dumps(record(1, 3)) + "\n")  # it rejoined: its first round back
+    with open(a, "a") as f:
+        f.write(json.dumps(record(0, 3)) + "\n" + json.dumps(record(0, 4)) + "\n")
+    rows = collector.poll(dead=[1])
+    assert [(r["round"], r["reporting_peers"]) for r in rows] == [(3, 2)]  # round 4 waits for peer 1 again
+    with open(b, "a") as f:
+        f.write(json.dumps(record(1, 4)) + "\n")
+    assert [(r["round"], r["reporting_peers"]) for r in collector.poll(dead=[1])] == [(4, 2)]
+
+
 def test_collector_gives_up_on_a_stale_round(tmp_path):
     (tmp_path / "peers").mkdir()
     (tmp_path / "peers" / "peer_0000.jsonl").write_text(json.dumps(record(0, 1)) + "\n")
