@@ -505,7 +505,6 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
                                   num_test=len(rt.test))
     if should_test(cfg, round_index, last_round) and test_idx is not None:
         record.update(evaluate(rt.task, state.model, data=rt.test, indices=test_idx, device=rt.device))
-        release_freed_memory()
     record.update(train_seconds=trained - started, aggregation_seconds=aggregated - trained,
                   round_seconds=time.time() - started)
     if not aggregating:  # idle time, not part of the round: its model does not change while it waits

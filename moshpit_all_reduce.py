@@ -1299,6 +1299,7 @@ class MoshpitAverager:
             members = [_Member(self.options.index, b"")]
         elif direct:
             members = await self._join_directly(key, expected, started + self.options.matchmaking_timeout / 2, traffic)
+        met_directly = members is not None
         if members is None:
             members = await self._form_group(key, expected, started + self.options.matchmaking_timeout)
             self._deviated |= {m.index for m in members} != expected
@@ -1321,8 +1322,7 @@ class MoshpitAverager:
         report.matchmaking_seconds = matched - started
         report.seconds = time.monotonic() - started
         logger.debug("group %s: members %s, met %s in %.2f s, step %.2f s", key, indices,
-                     "directly" if direct and not self._deviated else "via the DHT", report.matchmaking_seconds,
-                     report.seconds)
+                     "directly" if met_directly else "via the DHT", report.matchmaking_seconds, report.seconds)
         return report, payload
 
     def average(

@@ -72,10 +72,10 @@ ADDRESS_REFRESH_MIN_INTERVAL = 1.0  # re-read the address records at most this o
 # backoff for this long before the exchange goes ahead without a dial
 ADDRESS_LOOKUP_PATIENCE = DHT_RPC_TIMEOUT
 MAX_ADDRS_PER_PEER = 8
+MAX_MADDR_CHARS = 256
 # set inside an address refresh: the DHT calls it makes must not wait for that same refresh (they did, until a
 # timeout, whenever the refresh met a node not yet in the book: up to 9 s on a group's first step)
 _IN_REFRESH: contextvars.ContextVar[bool] = contextvars.ContextVar("marfl_in_address_refresh", default=False)
-MAX_MADDR_CHARS = 256
 
 
 class SyncError(RuntimeError):
