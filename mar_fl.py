@@ -1189,9 +1189,11 @@ class Launcher:
             PeerNetwork,
             load_run_secret,
             parse_initial_peers,
+            prepare_daemon_binary,
             write_bootstrap_file,
         )
 
+        prepare_daemon_binary()  # once here, before this host's first p2pd; peers only look it up
         initial = parse_initial_peers(self.cfg.initial_peers, timeout=self.cfg.startup_timeout,
                                       attempt=self.allocation.attempt)
         # written before bootstrap.json, so a launcher that found the bootstrap file finds the secret too

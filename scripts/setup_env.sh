@@ -14,3 +14,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet -r requirements.txt
   echo "$want" > "$stamp"
 fi
+# hivemind's p2pd is UPX-packed: unpack it once into the user's cache, so that the daemons of a host share its code
+.venv/bin/python -W ignore -c "import peer_synchronization as s; print('p2pd:', s.prepare_daemon_binary())"

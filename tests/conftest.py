@@ -47,6 +47,14 @@ def no_new_p2pd():
     assert not left, f"p2pd processes left behind: {sorted(left)}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def unpacked_daemon():
+    """Peers run the unpacked p2pd, as after scripts/setup_env.sh (a no-op once it is in the cache)."""
+    from peer_synchronization import prepare_daemon_binary
+
+    return prepare_daemon_binary()
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     raw = os.path.join(DATA_DIR, "MNIST", "raw")
