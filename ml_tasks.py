@@ -262,8 +262,10 @@ class SimpleCNN(nn.Module):
         self.fc2 = nn.Linear(128, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
-        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+        # in place: ReLU's backward needs only its output, so the convolutions' outputs are not kept as well
+        # (the same numbers; ≈ 15 MB less per peer at batch 64, with 64 peers training at once)
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x), inplace=True)), inplace=True), 2)
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1)), inplace=True))
 
 
 # ==================== 20 Newsgroups: frozen encoder, cached embeddings ====================
@@ -685,6 +687,7 @@ def train_batches(
         loss.backward()
         momentum_sgd_step(params, momentum, lr=lr, beta=beta)
         total += float(loss.detach())
+    model.zero_grad(set_to_none=True)  # not needed until the next round's first batch
     return total / max(1, num_batches)
 
 

@@ -1244,23 +1244,27 @@ class TcpPlane:
                 magic, group_id, phase, size = _FRAME.unpack(header)
                 if magic != _PLANE_MAGIC or size > self.max_frame_bytes:
                     raise PlaneError(f"peer {peer} sent a malformed frame ({size} bytes)")
-                payload = await _recv_exactly(sock, size, None)
-                inbox = self._inboxes[peer]
-                future = inbox.frames.get((group_id, phase))
-                if future is None:
-                    unclaimed = [k for k, f in inbox.frames.items() if f.done()]
-                    if len(unclaimed) >= MAX_UNCLAIMED_FRAMES:  # late or surplus frames: the oldest goes
-                        logger.debug("data plane: dropped an unclaimed frame of peer %d", peer)
-                        del inbox.frames[unclaimed[0]]
-                    future = inbox.frames[(group_id, phase)] = asyncio.get_running_loop().create_future()
-                if future.done():
-                    raise PlaneError(f"peer {peer} sent a frame twice")
-                future.set_result(payload)
+                # filed by a call, not through a local: this loop waits for the next frame for as long as the
+                # peer is quiet, and a local would keep the last payload (a whole shard) alive until then
+                self._file_frame(peer, (group_id, phase), await _recv_exactly(sock, size, None))
         except asyncio.CancelledError:
             sock.close()
             raise
         except (OSError, struct.error) as e:
             self._drop(peer, sock, e)
+
+    def _file_frame(self, peer: int, key: Tuple[bytes, int], payload: np.ndarray) -> None:
+        inbox = self._inboxes[peer]
+        future = inbox.frames.get(key)
+        if future is None:
+            unclaimed = [k for k, f in inbox.frames.items() if f.done()]
+            if len(unclaimed) >= MAX_UNCLAIMED_FRAMES:  # late or surplus frames: the oldest goes
+                logger.debug("data plane: dropped an unclaimed frame of peer %d", peer)
+                del inbox.frames[unclaimed[0]]
+            future = inbox.frames[key] = asyncio.get_running_loop().create_future()
+        if future.done():
+            raise PlaneError(f"peer {peer} sent a frame twice")
+        future.set_result(payload)
 
     async def send(self, peer: int, group_id: bytes, phase: int, payload) -> int:
         """Send one frame to ``peer`` (which must be connected); returns the bytes put on the wire."""

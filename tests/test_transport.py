@@ -1,8 +1,10 @@
 """``--transport tcp``: the authenticated TCP data plane (unit tests on two planes) and real peers averaging on it
 (exact means, byte accounting, absent / killed / bad group-mates, direct matchmaking with its DHT fallback)."""
 import asyncio
+import gc
 import signal
 import socket
+import weakref
 
 import numpy as np
 import pytest
@@ -59,6 +61,21 @@ def test_frames_arrive_whole_and_keyed():
     sent, first, got, reply = on_planes(body)
     assert sent == frame_bytes(300_000 * 4) and first == b"first" and reply == b"back"
     assert np.array_equal(got, np.arange(300_000, dtype=np.float32))
+
+
+def test_a_frame_read_and_dropped_is_freed_while_the_connection_waits():
+    """The connection's reader, idle until the next frame, must not keep the last payload (a shard) alive."""
+    async def body(a, b):
+        await a.connect(1, "127.0.0.1", b.port)
+        await a.send(1, GID, 0, np.ones(500_000, dtype=np.float32))
+        got = await b.receive(0, GID, 0, timeout=10)
+        ref = weakref.ref(got)
+        del got
+        gc.collect()
+        return ref() is None, b.connected(0)
+
+    freed, connected = on_planes(body)
+    assert freed and connected
 
 
 def test_a_stranger_without_the_secret_is_refused_both_ways():
