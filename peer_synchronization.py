@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import struct
 import threading
@@ -679,8 +680,8 @@ class PeerNetwork:
         port = opts.port or (_free_port(opts.host) if opts.announce_host else 0)
         announce = [f"/{'ip6' if ':' in opts.announce_host else 'ip4'}/{opts.announce_host}/tcp/{port}"] \
             if opts.announce_host else None
-        p2p_cls = type("MarFlP2P", (RoutedP2P, P2P), {})
-        self.p2p = await p2p_cls.create(
+        self.p2p = await _start_daemon(
+            type("MarFlP2P", (RoutedP2P, P2P), {}), time.monotonic() + opts.startup_timeout,
             initial_peers=list(opts.initial_peers),
             host_maddrs=[f"/{proto}/{opts.host}/tcp/{port}"],
             announce_maddrs=announce,
@@ -689,7 +690,6 @@ class PeerNetwork:
             auto_nat=False,
             dht_mode="off",
             tls=os.environ.get("MARFL_TLS", "1") == "1",
-            startup_timeout=opts.startup_timeout,
         )
         self.dht = await DHTNode.create(
             p2p=self.p2p,
@@ -869,6 +869,25 @@ class PeerNetwork:
                 except ChildProcessError:
                     return
                 time.sleep(0.05)
+
+
+async def _start_daemon(p2p_cls, deadline: float, **kwargs):
+    """``p2p_cls.create(**kwargs)``, started again while p2pd exits for want of its bootstrap peers: it gives them
+    a few seconds only, and the bootstrap node is at its busiest while a whole host of peers starts (6 of 125
+    peers died of it). Any other failure, or the deadline, ends the start."""
+    from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+
+    attempt = 1
+    while True:
+        try:
+            return await p2p_cls.create(startup_timeout=max(1.0, deadline - time.monotonic()), **kwargs)
+        except P2PDaemonError as e:
+            pause = random.uniform(0.5, 1.5) * min(attempt, 4)
+            if "failed to connect to bootstrap peers" not in str(e) or time.monotonic() + pause + 1 > deadline:
+                raise
+            logger.info("p2pd could not reach its bootstrap peers (attempt %d); starting it again", attempt)
+            attempt += 1
+            await asyncio.sleep(pause)
 
 
 def _free_port(host: str) -> int:

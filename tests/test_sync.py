@@ -162,3 +162,21 @@ def test_daemons_start_without_libp2ps_own_dht(no_new_p2pd):
         assert args and not [a for a in args if a.split("=")[0] in ("-dht", "-dhtServer", "-dhtClient")]
     finally:
         net.shutdown()
+
+
+def test_a_daemon_that_cannot_reach_its_bootstrap_peer_is_started_again_until_the_deadline(no_new_p2pd, caplog):
+    # p2pd exits within seconds when its bootstrap peers do not answer (a busy bootstrap node while 125 peers start):
+    # the peer starts it again instead of dying, and gives up with SyncError only at its start-up deadline
+    import logging
+    import time
+
+    from peer_synchronization import SyncError
+
+    gone = PeerNetwork(NetworkOptions()).start()
+    maddrs = gone.visible_maddrs()
+    gone.shutdown()
+    caplog.set_level(logging.INFO, logger="mar_fl.sync")
+    started = time.monotonic()
+    with pytest.raises(SyncError, match="bootstrap"):
+        PeerNetwork(NetworkOptions(initial_peers=maddrs, startup_timeout=8)).start()
+    assert "(attempt 2)" in caplog.text and time.monotonic() - started < 8 + 30
