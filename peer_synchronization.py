@@ -944,7 +944,13 @@ async def async_barrier(
     number of peers (every waiting peer reads, and every read costs the whole DHT: 64 peers polling every 0.1 s
     while others still started made a 64-peer start take minutes).
     """
-    await publish(dht, key, str(me), True, ttl=ttl)
+    deadline = time.monotonic() + timeout
+    # every DHT call is bounded by the barrier's deadline: on an overloaded DHT (125 peers on 2 cores) one store
+    # or read could outlast it, and a peer that had finished every round died of its end barrier
+    try:
+        await asyncio.wait_for(publish(dht, key, str(me), True, ttl=ttl), max(0.1, timeout))
+    except asyncio.TimeoutError:
+        logger.warning("barrier %s: our arrival could not be stored before the deadline", key)
     wanted = frozenset(expected)
     if max_delay is None:
         max_delay = max(0.1, len(wanted) * BARRIER_POLL_PER_PEER)
@@ -953,11 +959,14 @@ async def async_barrier(
 
     async def everyone_there() -> bool:
         nonlocal arrived
-        record = await read_subkeys(dht, key)
+        try:
+            record = await asyncio.wait_for(read_subkeys(dht, key), max(0.1, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            return False
         arrived = frozenset(i for i in (_barrier_index(s, limit) for s in record) if i is not None) | {me}
         return wanted <= arrived
 
-    await poll_until(everyone_there, deadline=time.monotonic() + timeout, max_delay=max_delay)
+    await poll_until(everyone_there, deadline=deadline, max_delay=max_delay)
     return arrived
 
 

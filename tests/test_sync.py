@@ -180,3 +180,22 @@ def test_a_daemon_that_cannot_reach_its_bootstrap_peer_is_started_again_until_th
     with pytest.raises(SyncError, match="bootstrap"):
         PeerNetwork(NetworkOptions(initial_peers=maddrs, startup_timeout=8)).start()
     assert "(attempt 2)" in caplog.text and time.monotonic() - started < 8 + 30
+
+
+def test_a_barrier_keeps_its_deadline_when_the_dht_does_not_answer():
+    # a store or read that hangs (an overloaded DHT) must not hold the barrier past its deadline
+    import asyncio
+
+    from peer_synchronization import async_barrier
+
+    class HangingDHT:
+        async def store(self, *args, **kwargs):
+            await asyncio.sleep(3600)
+
+        async def get(self, *args, **kwargs):
+            await asyncio.sleep(3600)
+
+    async def main():
+        return await asyncio.wait_for(async_barrier(HangingDHT(), "k", me=0, expected=[0, 1], timeout=0.5), 30)
+
+    assert asyncio.run(main()) == frozenset({0})
