@@ -5,7 +5,8 @@ Three concerns live here, none of which touches tensors:
 * **Participation** (pure): every peer derives the same update / aggregation / dropout sets from
   ``(seed, round)``, so no coordinator has to tell anybody who takes part.
 * **Network runtime**: one libp2p daemon (``p2pd``) and one in-process Kademlia ``DHTNode`` per peer, driven
-  by an asyncio loop on a background thread so that the training thread stays plain synchronous PyTorch.
+  by an asyncio loop on a background thread so that the training thread stays plain synchronous PyTorch. The
+  daemon runs from an unpacked copy of hivemind's UPX-packed binary, so the daemons of a host share its code.
 * **Addresses**: every node publishes where it listens (``{prefix}.addrs``, one subkey per peer id) and dials a
   peer at a published address before it opens a stream to it. libp2p's own peer routing cannot be relied on
   across hosts: its Kademlia tables drop addresses outside the public / private ranges it knows (e.g. the
@@ -280,7 +281,7 @@ def parse_address_record(subkey: Any, value: Any) -> Optional[Tuple[bytes, List[
 
 # --- The daemon binary -------------------------------------------------------------------------------------------
 # hivemind ships ``p2pd`` packed by UPX (NRV2E): each daemon decompresses its 28.8 MB of code into private memory
-# when it starts (≈ 25 MB and ≈ 0.3 CPU-s per daemon). Unpacked once into a per-user cache, the code is mapped
+# when it starts (≈ 25 MB and ≈ 0.3–0.5 CPU-s per daemon). Unpacked once into a per-user cache, the code is mapped
 # from the page cache and shared by every daemon of the host.
 
 DAEMON_ENV = "MARFL_P2PD"  # an explicit p2pd to run instead (e.g. one built by hand)
@@ -336,7 +337,7 @@ def prepare_daemon_binary() -> str:
         with open(packed, "rb") as f:
             unpacked = upx_unpack_elf(f.read())
         os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-        tmp = f"{target}.{os.getpid()}.tmp"
+        tmp = f"{target}.{os.getpid()}-{os.urandom(4).hex()}.tmp"  # nodes sharing a home may share a pid too
         with open(tmp, "wb") as f:
             f.write(unpacked)
         os.chmod(tmp, 0o755)
