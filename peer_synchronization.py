@@ -797,12 +797,21 @@ class PeerNetwork:
         while peers and not self.dht.protocol.routing_table.uid_to_peer_id:
             answers = await asyncio.gather(*(self.dht.protocol.call_ping(p) for p in peers), return_exceptions=True)
             if any(a is not None and not isinstance(a, BaseException) for a in answers):
-                await asyncio.wait_for(self.dht.find_nearest_nodes([self.dht.node_id]), DHT_RPC_TIMEOUT)
+                await self._look_up_neighbours(deadline)
                 return
             if time.monotonic() >= deadline:
                 raise SyncError("none of the initial peers answered a DHT ping")
             logger.warning("no initial peer answered a DHT ping yet; retrying")
             await asyncio.sleep(1.0)
+
+    async def _look_up_neighbours(self, deadline: float) -> None:
+        """Fill the routing table with the nodes nearest to us. Only an optimisation: the DHT also learns them as
+        it is used, so a slow lookup (125 peers starting on 2 cores; 28 of them died of it) is not fatal."""
+        try:
+            await asyncio.wait_for(self.dht.find_nearest_nodes([self.dht.node_id]),
+                                   max(1.0, min(3 * DHT_RPC_TIMEOUT, deadline - time.monotonic())))
+        except asyncio.TimeoutError:
+            logger.warning("the first lookup of our DHT neighbours timed out; going on with the bootstrap peers")
 
     @property
     def p2pd_pid(self) -> Optional[int]:

@@ -199,3 +199,27 @@ def test_a_barrier_keeps_its_deadline_when_the_dht_does_not_answer():
         return await asyncio.wait_for(async_barrier(HangingDHT(), "k", me=0, expected=[0, 1], timeout=0.5), 30)
 
     assert asyncio.run(main()) == frozenset({0})
+
+
+def test_a_slow_first_neighbour_lookup_does_not_stop_the_start(no_new_p2pd, monkeypatch, caplog):
+    # the lookup after the first answered bootstrap ping only fills the routing table: 28 of 125 peers died when
+    # it took longer than one DHT call's timeout on a loaded host
+    import asyncio
+    import logging
+    import time
+
+    import peer_synchronization as ps
+
+    net = PeerNetwork(NetworkOptions()).start()
+
+    async def slow(*args, **kwargs):
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(ps, "DHT_RPC_TIMEOUT", 0.3)
+    monkeypatch.setattr(net.dht, "find_nearest_nodes", slow)
+    caplog.set_level(logging.WARNING, logger="mar_fl.sync")
+    try:
+        net.run(net._look_up_neighbours(time.monotonic() + 60), timeout=30)
+    finally:
+        net.shutdown()
+    assert "neighbours timed out" in caplog.text
