@@ -813,13 +813,13 @@ class MoshpitAverager:
         async def beat_forever():
             while True:
                 try:
+                    if self._endpoint is not None and dht_time() >= self._endpoint_renewal:
+                        await publish(self.network.dht, self._endpoint_key(), str(self.options.index),
+                                      self._endpoint, ttl=self.options.dht_ttl)
+                        self._endpoint_renewal = dht_time() + self.options.dht_ttl / 4
                     beat = [dht_time(), self._round or 0, self.network.p2p.peer_id.to_bytes()]
                     await publish(self.network.dht, self._alive_key(), str(self.options.index), beat,
                                   ttl=4 * self.options.heartbeat_interval)
-                    if self._endpoint is not None and dht_time() >= self._endpoint_renewal:
-                        self._endpoint_renewal = dht_time() + self.options.dht_ttl / 4
-                        await publish(self.network.dht, self._endpoint_key(), str(self.options.index),
-                                      self._endpoint, ttl=self.options.dht_ttl)
                 except Exception as e:  # noqa: BLE001 - the next beat retries
                     logger.debug("heartbeat failed: %r", e)
                 await asyncio.sleep(self.options.heartbeat_interval)
@@ -866,8 +866,9 @@ class MoshpitAverager:
                               num_peers=self.options.num_peers)
         port = await self.plane.start()
         self._endpoint = [reachable_host(opts.host, opts.announce_host, await self.network.advertised()), port]
-        await publish(self.network.dht, self._endpoint_key(), str(self.options.index), self._endpoint,
-                      ttl=self.options.dht_ttl)
+        # published by the first heartbeat, not here: on a loaded DHT (125 peers starting on 2 cores) one store
+        # could outlast the start-up step, and group-mates read endpoints with patience anyway
+        self._endpoint_renewal = dht_time()
 
     async def _connect(self, peers: Sequence[int]) -> Set[int]:
         """Open data-plane connections to ``peers`` (their endpoints read with backoff, bounded); returns those
