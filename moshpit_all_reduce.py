@@ -74,9 +74,11 @@ from peer_synchronization import (
     PeerNetwork,
     PlaneError,
     TcpPlane,
+    dht_poll_pause,
     dht_time,
     frame_bytes,
     parse_endpoint,
+    poll_read,
     poll_until,
     publish,
     reachable_host,
@@ -876,7 +878,7 @@ class MoshpitAverager:
         plane, deadline, delay = self.plane, time.monotonic() + DIAL_PATIENCE, 0.05
         missing = {p for p in peers if not plane.connected(p)}
         while missing:
-            record = await read_subkeys(self.network.dht, self._endpoint_key())
+            record = await poll_read(self.network.dht, self._endpoint_key(), timeout=deadline - time.monotonic())
             endpoints = {p: parse_endpoint(record.get(str(p))) for p in missing}
             outcomes = await asyncio.gather(*(plane.connect(p, *endpoints[p]) for p in missing if endpoints[p]),
                                             return_exceptions=True)
@@ -1081,7 +1083,7 @@ class MoshpitAverager:
             nonlocal result, stored
             if not stored:  # a failed store is retried, never silently ignored
                 stored = await publish(dht, key, str(me), own_id, ttl=ttl)
-            record = await read_subkeys(dht, key)
+            record = await poll_read(dht, key)
             final = parse_final(record.get(_FINAL), self.options.num_peers)
             if final is not None:
                 result = final if any(m.index == me and m.peer_id == own_id for m in final) else [_Member(me, own_id)]
@@ -1096,7 +1098,7 @@ class MoshpitAverager:
                 return True
             return now >= deadline + grace
 
-        if not await poll_until(settled, deadline=deadline + grace):
+        if not await poll_until(settled, deadline=deadline + grace, max_delay=dht_poll_pause(self.options.num_peers)):
             self._timed_out = True
         self.liveness.observe(expected=expected, present={m.index for m in result})
         return result
@@ -1420,7 +1422,7 @@ class MoshpitAverager:
         started = time.monotonic()
 
         async def declared() -> bool:
-            return bool(parse_declarations(await read_subkeys(self.network.dht, key), self.options.num_peers))
+            return bool(parse_declarations(await poll_read(self.network.dht, key), self.options.num_peers))
 
         try:
             self.network.run(poll_until(declared, deadline=started + patience, max_delay=0.2), timeout=patience + 30)
@@ -1445,11 +1447,12 @@ class MoshpitAverager:
             nonlocal stored, declared
             if not stored:
                 stored = await publish(dht, key, str(me), own_id, ttl=ttl)
-            found = parse_declarations(await read_subkeys(dht, key), self.options.num_peers)
+            found = parse_declarations(await poll_read(dht, key), self.options.num_peers)
             declared = {i: found[i] for i in wanted if i in found and i not in self.excluded}
             return wait_for <= declared.keys()
 
-        self._timed_out = not await poll_until(everyone, deadline=deadline)
+        self._timed_out = not await poll_until(everyone, deadline=deadline,
+                                               max_delay=dht_poll_pause(self.options.num_peers))
         self.liveness.observe(expected=frozenset(wanted), present=set(declared) | {me})
         return declared
 

@@ -46,6 +46,7 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
+    Set,
     Tuple,
     TypeVar,
 )
@@ -62,13 +63,20 @@ _SALT_UPDATE, _SALT_AGGREGATE, _SALT_DROPOUT = 1, 2, 3
 
 # hivemind's default (3 s) loses pings on an oversubscribed node (dozens of peers per core during start-up)
 DHT_RPC_TIMEOUT = 10.0
+DHT_READ_TIMEOUT = 2 * DHT_RPC_TIMEOUT  # a read is a search: a few rounds of RPCs
 
 
 # a known peer is dialled again at its published addresses after this long (connections can be pruned)
 REDIAL_AFTER = 60.0
 # libp2p backs off from an address for ~5 s after a failed dial; a stream to a group-mate retries for this long
 DIAL_PATIENCE, DIAL_RETRY_INTERVAL = 12.0, 1.0
-BARRIER_POLL_PER_PEER = 0.02  # a barrier of N peers is read at most every max(0.1, 0.02 N) seconds per peer
+# hivemind searches 20 nodes per read and 40 or more per store by default (≈ 120 / 300 ms of CPU at 48 peers);
+# the value of a key lives on its 5 nearest nodes, which a search over the 8 nearest finds (≈ 50 / 90 ms)
+DHT_BEAM = 8
+BARRIER_POLL_PER_PEER = 0.1  # a barrier of N peers is read at most every max(0.1, 0.1 N) seconds per peer ...
+BARRIER_LOCAL_CHECK = 0.2  # ... but its pushed completion is looked for in local storage this often
+BARRIER_FANOUT = 4  # children per peer in the tree that passes a barrier's completion on
+DHT_POLL_PER_PEER = 0.01  # see dht_poll_pause
 ADDRESS_REFRESH_MIN_INTERVAL = 1.0  # re-read the address records at most this often when a peer is unknown
 # a group-mate not yet in the address book (its record may still be on its way) is looked up again with
 # backoff for this long before the exchange goes ahead without a dial
@@ -920,15 +928,72 @@ def dht_time() -> float:
 
 
 async def publish(dht: Any, key: str, subkey: str, value: Any, *, ttl: float) -> bool:
-    return await dht.store(key, value, expiration_time=dht_time() + ttl, subkey=subkey)
+    return await dht.store(key, value, expiration_time=dht_time() + ttl, subkey=subkey, beam_size=DHT_BEAM)
 
 
-async def read_subkeys(dht: Any, key: str) -> Dict[str, Any]:
-    """All subkeys of ``key`` with their values: one DHT ``get`` whatever the number of peers."""
-    found = await dht.get(key, latest=True)
+async def read_subkeys(dht: Any, key: str, *, timeout: float = DHT_READ_TIMEOUT) -> Dict[str, Any]:
+    """All subkeys of ``key`` with their values: one DHT ``get`` whatever the number of peers; raises
+    ``asyncio.TimeoutError`` past ``timeout`` (on an overloaded DHT one search was seen to hang for minutes)."""
+    found = await asyncio.wait_for(dht.get(key, latest=True, beam_size=DHT_BEAM), timeout)
     if found is None or not isinstance(found.value, dict):
         return {}
     return {str(sub): item.value for sub, item in found.value.items()}
+
+
+async def poll_read(dht: Any, key: str, *, timeout: float = DHT_READ_TIMEOUT) -> Dict[str, Any]:
+    """:func:`read_subkeys` for a poll that reads again later: a read that timed out saw nothing (yet)."""
+    try:
+        return await read_subkeys(dht, key, timeout=max(0.1, timeout))
+    except asyncio.TimeoutError:
+        logger.debug("read of %s timed out", key)
+        return {}
+
+
+async def store_at(dht: Any, peer_id: Any, key: str, subkey: str, value: Any, *, ttl: float) -> bool:
+    """Store one subkey of ``key`` on the node ``peer_id`` only (one RPC, no search): how a barrier's completion
+    is pushed. The record is signed like any other, so the receiving node checks it the same way."""
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import DHTRecord
+
+    proto = dht.protocol
+    key_id, expiration = DHTID.generate(source=key), dht_time() + ttl
+    value_bytes = proto.serializer.dumps(value)
+    if proto.record_validator is not None:
+        record = DHTRecord(key_id.to_bytes(), proto.serializer.dumps(subkey), value_bytes, expiration)
+        value_bytes = proto.record_validator.sign_value(record)
+    stored = await proto.call_store(peer_id, keys=[key_id], values=[value_bytes], expiration_time=[expiration],
+                                    subkeys=[subkey])
+    return bool(stored and stored[0])
+
+
+def read_local(dht: Any, key: str) -> Dict[str, Any]:
+    """The unexpired subkeys of ``key`` that this node holds itself (pushed to it, or as one of its replicas);
+    no RPC. Only records that passed the node's validator when they were stored are there."""
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.storage import DictionaryDHTValue
+    from hivemind.dht.validation import DHTRecord
+
+    proto, key_id = dht.protocol, DHTID.generate(source=key)
+    entry = proto.storage.get(key_id)
+    if entry is None or not isinstance(entry.value, DictionaryDHTValue):
+        return {}
+    out = {}
+    for subkey, (value_bytes, expiration) in entry.value.items():
+        try:
+            if proto.record_validator is not None:
+                record = DHTRecord(key_id.to_bytes(), proto.serializer.dumps(subkey), value_bytes, expiration)
+                value_bytes = proto.record_validator.strip_value(record)
+            out[str(subkey)] = proto.serializer.loads(value_bytes)
+        except Exception:  # noqa: BLE001 - an unreadable record is no record
+            continue
+    return out
+
+
+def dht_poll_pause(num_peers: int, *, least: float = 0.1) -> float:
+    """The longest pause between two reads of a record that many peers may be waiting on at once (matchmaking,
+    a round's done record): 10 ms per peer, within ``least`` … 2 s, so that all of them together read about 100
+    times a second at most (a read costs ≈ 50 ms of CPU; at 0.1 s, 125 peers could keep 50 cores busy)."""
+    return min(2.0, max(least, DHT_POLL_PER_PEER * num_peers))
 
 
 async def poll_until(check, *, deadline: float, first_delay: float = 0.005, max_delay: float = 0.1) -> bool:
@@ -944,21 +1009,54 @@ async def poll_until(check, *, deadline: float, first_delay: float = 0.005, max_
         delay = min(delay * 1.5, max_delay)
 
 
+def tree_children(order: Sequence[int], root: int, me: int, fanout: int = BARRIER_FANOUT) -> List[int]:
+    """``me``'s children in the ``fanout``-ary tree over ``order`` (sorted indices) rooted at ``root``: position
+    ``p`` (counted from the root, wrapping around) passes a barrier's completion on to positions
+    ``fanout·p + 1 … fanout·p + fanout``, so every member is reached once, in ⌈log_fanout N⌉ hops."""
+    n, start = len(order), order.index(root)
+    position = (order.index(me) - start) % n
+    first = fanout * position + 1
+    return [order[(start + c) % n] for c in range(first, min(first + fanout, n))]
+
+
+def _peer_id_value(value: Any) -> Optional[bytes]:
+    """A peer id as a barrier record carries it; ``b""``: arrived, but not told where (nobody pushes to it)."""
+    return value if isinstance(value, bytes) and len(value) <= 64 else None
+
+
+def parse_completion(value: Any, wanted: FrozenSet[int], limit: int) -> Optional[Dict[int, bytes]]:
+    """A pushed completion record, ``[[index, peer id], …]``: strictly shaped, in range, covering ``wanted``."""
+    if not isinstance(value, list) or len(value) > limit:
+        return None
+    ids: Dict[int, bytes] = {}
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int and 0 <= item[0] < limit):
+            return None
+        peer_id = _peer_id_value(item[1])
+        if peer_id is None:
+            return None
+        ids[item[0]] = peer_id
+    return ids if wanted <= ids.keys() else None
+
+
 async def async_barrier(
     dht: Any, key: str, *, me: int, expected: Collection[int], timeout: float, ttl: float = 600.0,
     max_delay: Optional[float] = None,
 ) -> FrozenSet[int]:
     """Announce ``me`` under ``key`` and wait until all ``expected`` indices arrived or ``timeout`` passes.
 
-    The record is read at most every ``max_delay`` seconds once the wait is long; by default that grows with the
-    number of peers (every waiting peer reads, and every read costs the whole DHT: 64 peers polling every 0.1 s
-    while others still started made a 64-peer start take minutes).
+    Arrivals are subkeys of ``key`` (the value: the arriving node's peer id). A peer reads the whole record
+    right after its own arrival and then rarely (at most every ``max_delay`` s; by default 0.1 s per expected
+    peer: every read visits several nodes and returns every arrival, and 125 peers reading every 2.5 s kept two
+    cores busy for minutes). Whoever first reads a complete record pushes the list of arrivals down a tree
+    (:func:`tree_children`) with one direct store per child into ``{key}.done`` on the child's own node; a peer
+    checks that local copy, at no cost, every 0.2 s. A lost push only costs its subtree the slower reads.
     """
     deadline = time.monotonic() + timeout
     # every DHT call is bounded by the barrier's deadline: on an overloaded DHT (125 peers on 2 cores) one store
     # or read could outlast it, and a peer that had finished every round died of its end barrier
     try:
-        await asyncio.wait_for(publish(dht, key, str(me), True, ttl=ttl), max(0.1, timeout))
+        await asyncio.wait_for(publish(dht, key, str(me), dht.peer_id.to_bytes(), ttl=ttl), max(0.1, timeout))
     except asyncio.TimeoutError:
         logger.warning("barrier %s: our arrival could not be stored before the deadline", key)
     wanted = frozenset(expected)
@@ -966,18 +1064,68 @@ async def async_barrier(
         max_delay = max(0.1, len(wanted) * BARRIER_POLL_PER_PEER)
     limit = max(wanted | {me}) + 1  # subkeys outside the expected range are nobody we wait for
     arrived: FrozenSet[int] = frozenset({me})
+    done_key, next_read, pause = f"{key}.done", time.monotonic(), min(0.2, max_delay)
+    reading: Optional[asyncio.Future] = None  # a read runs beside the local checks: a push ends the wait at once
+    try:
+        while True:
+            pushed = {root: ids for root, ids in ((_barrier_index(s, limit), parse_completion(v, wanted, limit))
+                                                  for s, v in read_local(dht, done_key).items())
+                      if root is not None and ids is not None}
+            if not pushed and reading is None and time.monotonic() >= next_read:
+                reading = asyncio.ensure_future(poll_read(dht, key))
+            if not pushed and reading is not None and reading.done():
+                record = reading.result()
+                reading = None
+                arrived = frozenset(i for i in (_barrier_index(s, limit) for s in record) if i is not None) | {me}
+                if wanted <= arrived:
+                    pushed = {me: {i: _peer_id_value(record.get(str(i))) or b"" for i in wanted | {me}}}
+                next_read, pause = time.monotonic() + pause, min(2 * pause, max_delay)
+            if pushed:
+                for root, ids in pushed.items():
+                    _pass_completion_on(dht, done_key, root, ids, me=me, ttl=ttl)
+                return frozenset(next(iter(pushed.values()))) | {me}
+            now = time.monotonic()
+            if now >= deadline:
+                return arrived
+            wake = min(BARRIER_LOCAL_CHECK, deadline - now)
+            if reading is None:
+                wake = min(wake, max(0.0, next_read - now))
+            if reading is None:
+                await asyncio.sleep(wake)
+            else:
+                await asyncio.wait([reading], timeout=wake)
+    finally:
+        if reading is not None:
+            reading.cancel()
 
-    async def everyone_there() -> bool:
-        nonlocal arrived
+
+_PUSHES: Set[asyncio.Task] = set()  # completion pushes still in flight (kept referenced until they end)
+
+
+def _pass_completion_on(dht: Any, done_key: str, root: int, ids: Dict[int, bytes], *, me: int, ttl: float) -> None:
+    """Push the completion of a barrier to our children in the tree rooted at ``root``, in the background. A
+    child that does not take it (gone, or too busy to answer within one DHT call's timeout) does not cost its
+    subtree the push: we push to its children ourselves."""
+    from hivemind.p2p import PeerID
+
+    value = [[i, ids[i]] for i in sorted(ids)]
+    reachable = sorted(i for i, peer_id in ids.items() if peer_id)
+    if me not in reachable or root not in reachable:
+        return
+
+    async def push(child: int) -> None:
         try:
-            record = await asyncio.wait_for(read_subkeys(dht, key), max(0.1, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            return False
-        arrived = frozenset(i for i in (_barrier_index(s, limit) for s in record) if i is not None) | {me}
-        return wanted <= arrived
+            stored = await asyncio.wait_for(
+                store_at(dht, PeerID(ids[child]), done_key, str(root), value, ttl=ttl), DHT_RPC_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - handled below, like a refusal
+            logger.debug("barrier %s: pushing completion to peer %d failed: %r", done_key, child, e)
+            stored = False
+        if not stored:
+            await asyncio.gather(*(push(grandchild) for grandchild in tree_children(reachable, root, child)))
 
-    await poll_until(everyone_there, deadline=deadline, max_delay=max_delay)
-    return arrived
+    task = asyncio.ensure_future(asyncio.gather(*(push(child) for child in tree_children(reachable, root, me))))
+    _PUSHES.add(task)
+    task.add_done_callback(_PUSHES.discard)
 
 
 def _barrier_index(subkey: Any, limit: int) -> Optional[int]:
@@ -1094,7 +1242,7 @@ def wait_for_round(network: PeerNetwork, key: str, *, me: int, participants: Col
         if not pending or now >= deadline:
             return RoundWait(seconds=now - started, pending=pending)
         time.sleep(min(delay, deadline - now))
-        delay = min(delay * 1.5, DONE_POLL_DELAYS[1])
+        delay = min(delay * 1.5, dht_poll_pause(num_peers, least=DONE_POLL_DELAYS[1]))
 
 
 def _read_running(running: Callable[[], Mapping[int, int]], me: int) -> Optional[Mapping[int, int]]:

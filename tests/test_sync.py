@@ -47,6 +47,61 @@ def test_barrier_returns_who_arrived_and_respects_the_deadline(networks):
     assert all(arrived == {0, 1, 2} for arrived in results.values())
 
 
+def test_a_barriers_completion_is_pushed_to_peers_that_cannot_see_it(networks, monkeypatch):
+    # peers 0 and 1 wait; their own reads of the record never show anybody else (as on a DHT too busy to
+    # answer), so only the completion pushed by peer 2 - the last to arrive, whose read is complete - ends their
+    # wait before the deadline
+    import time
+
+    import peer_synchronization as ps
+
+    real_read, last = ps.read_subkeys, networks[2].dht
+
+    async def blind_read(dht, key):
+        return await real_read(dht, key) if dht is last else {}
+
+    monkeypatch.setattr(ps, "read_subkeys", blind_read)
+    results = {}
+
+    def go(i):
+        results[i] = barrier(networks[i], "run.pushed", me=i, expected=range(3), timeout=60)
+
+    early = [threading.Thread(target=go, args=(i,)) for i in (0, 1)]
+    for t in early:
+        t.start()
+    time.sleep(1.0)
+    go(2)
+    for t in early:
+        t.join()
+    assert results == {0: {0, 1, 2}, 1: {0, 1, 2}, 2: {0, 1, 2}}
+
+
+def test_the_completion_tree_reaches_every_peer_once():
+    from peer_synchronization import tree_children
+
+    for n, fanout in [(1, 4), (2, 4), (5, 4), (64, 4), (125, 4), (10, 2)]:
+        order = sorted(range(0, 3 * n, 3))  # indices need not be contiguous
+        for root in (order[0], order[n // 2], order[-1]):
+            reached, frontier = [root], [root]
+            while frontier:
+                frontier = [c for p in frontier for c in tree_children(order, root, p, fanout)]
+                reached += frontier
+            assert sorted(reached) == order
+
+
+def test_a_pushed_completion_record_is_parsed_strictly():
+    from peer_synchronization import parse_completion
+
+    wanted = frozenset({0, 1})
+    assert parse_completion([[0, b"a"], [1, b""]], wanted, 2) == {0: b"a", 1: b""}
+    assert parse_completion([[0, b"a"]], wanted, 2) is None  # does not cover everybody expected
+    assert parse_completion([[0, b"a"], [5, b"b"]], wanted, 2) is None  # out of range
+    assert parse_completion([[0, b"a"], [True, b"b"]], wanted, 2) is None  # a bool is no index
+    assert parse_completion([[0, b"a"], [1, b"x" * 65]], wanted, 2) is None  # no peer id is that long
+    assert parse_completion({"0": b"a"}, wanted, 2) is None
+    assert parse_completion([[0, b"a"], [1, "b"]], wanted, 2) is None
+
+
 def test_run_prefix_keeps_runs_apart(networks):
     # same DHT, two run prefixes: peer 0 is alone in run A, peers 1 and 2 meet in run B
     results = run_barriers(networks, lambda i: "runA.b" if i == 0 else "runB.b", expected=range(3), timeout=2)
@@ -189,6 +244,9 @@ def test_a_barrier_keeps_its_deadline_when_the_dht_does_not_answer():
     from peer_synchronization import async_barrier
 
     class HangingDHT:
+        peer_id = type("Id", (), {"to_bytes": lambda self: b"me"})()
+        protocol = type("Protocol", (), {"storage": {}})()  # nothing pushed to this node
+
         async def store(self, *args, **kwargs):
             await asyncio.sleep(3600)
 
