@@ -675,6 +675,7 @@ class AveragerOptions:
 
 
 MAX_PEER_ID_BYTES = 64
+ENDPOINT_RETRY = 3.0  # a data-plane endpoint that could not be stored is stored again this soon
 HEARTBEAT_SECONDS_PER_PEER = 0.25  # every beat is a DHT store on the same few nodes: N peers beat every 0.25 N s
 
 
@@ -814,17 +815,22 @@ class MoshpitAverager:
     async def _start_heartbeat(self) -> asyncio.Task:
         async def beat_forever():
             while True:
+                pause = self.options.heartbeat_interval
                 try:
                     if self._endpoint is not None and dht_time() >= self._endpoint_renewal:
-                        await publish(self.network.dht, self._endpoint_key(), str(self.options.index),
-                                      self._endpoint, ttl=self.options.dht_ttl)
-                        self._endpoint_renewal = dht_time() + self.options.dht_ttl / 4
+                        if await publish(self.network.dht, self._endpoint_key(), str(self.options.index),
+                                         self._endpoint, ttl=self.options.dht_ttl):
+                            self._endpoint_renewal = dht_time() + self.options.dht_ttl / 4
+                        else:  # no node took it: without it no group-mate can dial us, so try again soon
+                            logger.debug("data-plane endpoint not stored; again in %.0f s", ENDPOINT_RETRY)
+                            pause = min(pause, ENDPOINT_RETRY)
                     beat = [dht_time(), self._round or 0, self.network.p2p.peer_id.to_bytes()]
                     await publish(self.network.dht, self._alive_key(), str(self.options.index), beat,
                                   ttl=4 * self.options.heartbeat_interval)
                 except Exception as e:  # noqa: BLE001 - the next beat retries
                     logger.debug("heartbeat failed: %r", e)
-                await asyncio.sleep(self.options.heartbeat_interval)
+                    pause = min(pause, ENDPOINT_RETRY)
+                await asyncio.sleep(pause)
 
         return asyncio.create_task(beat_forever())
 

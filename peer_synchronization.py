@@ -70,9 +70,11 @@ DHT_READ_TIMEOUT = 2 * DHT_RPC_TIMEOUT  # a read is a search: a few rounds of RP
 REDIAL_AFTER = 60.0
 # libp2p backs off from an address for ~5 s after a failed dial; a stream to a group-mate retries for this long
 DIAL_PATIENCE, DIAL_RETRY_INTERVAL = 12.0, 1.0
-# hivemind searches 20 nodes per read and 40 or more per store by default (≈ 120 / 300 ms of CPU at 48 peers);
-# the value of a key lives on its 5 nearest nodes, which a search over the 8 nearest finds (≈ 50 / 90 ms)
-DHT_BEAM = 8
+# hivemind searches 20 nodes per read and 40 or more per store by default (≈ 120 / 300 ms of CPU at 48 peers,
+# and a 64-peer start made 44,000 of these searches' RPCs). A key's value lives on its 5 nearest nodes: a read
+# searches the 8 nearest (≈ 50 ms); a store searches wider (16), so that busy nodes that do not answer in time
+# still leave it the true nearest ones and spare candidates to store on
+DHT_READ_BEAM, DHT_STORE_BEAM = 8, 16
 BARRIER_POLL_PER_PEER = 0.1  # a barrier of N peers is read at most every max(0.1, 0.1 N) seconds per peer ...
 BARRIER_LOCAL_CHECK = 0.2  # ... but its pushed completion is looked for in local storage this often
 BARRIER_FANOUT = 4  # children per peer in the tree that passes a barrier's completion on
@@ -928,13 +930,13 @@ def dht_time() -> float:
 
 
 async def publish(dht: Any, key: str, subkey: str, value: Any, *, ttl: float) -> bool:
-    return await dht.store(key, value, expiration_time=dht_time() + ttl, subkey=subkey, beam_size=DHT_BEAM)
+    return await dht.store(key, value, expiration_time=dht_time() + ttl, subkey=subkey, beam_size=DHT_STORE_BEAM)
 
 
 async def read_subkeys(dht: Any, key: str, *, timeout: float = DHT_READ_TIMEOUT) -> Dict[str, Any]:
     """All subkeys of ``key`` with their values: one DHT ``get`` whatever the number of peers; raises
     ``asyncio.TimeoutError`` past ``timeout`` (on an overloaded DHT one search was seen to hang for minutes)."""
-    found = await asyncio.wait_for(dht.get(key, latest=True, beam_size=DHT_BEAM), timeout)
+    found = await asyncio.wait_for(dht.get(key, latest=True, beam_size=DHT_READ_BEAM), timeout)
     if found is None or not isinstance(found.value, dict):
         return {}
     return {str(sub): item.value for sub, item in found.value.items()}

@@ -11,8 +11,8 @@ own (launcher, forkserver, its ``p2pd``). Printed, from ``metrics.jsonl``: per r
 slowest peer), ``train_seconds`` and ``aggregation_seconds`` (means over peers; the rest of a round is testing and
 waiting for the slowest); ``period_seconds``: how much later round r ended than round r - 1 (the run's pace,
 without the drift of early peers waiting in a round for late ones); ``slowest_train_seconds``: the slowest peer's
-training (from ``peers/*.jsonl``); ``start_seconds``: launch until round 1's training began (the time round 1's row was
-written minus its ``round_seconds``: spawning, data loading, ``p2pd`` and DHT start-up, the start barrier);
+training (from ``peers/*.jsonl``); ``start_seconds``: launch until the last peer began round 1 (its ``t_start``:
+spawning, data loading, ``p2pd`` and DHT start-up, the start barrier; ``first_start_seconds`` for the first peer);
 ``peak_pss_mb``: the largest total seen, with the per-peer split at that moment.
 """
 from __future__ import annotations
@@ -88,6 +88,15 @@ def slowest_training(run_dir: str) -> dict:
     return slowest
 
 
+def round_one_starts(run_dir: str) -> list:
+    """When each peer began round 1 (``t_start`` of its round-1 row in ``peers/*.jsonl``), in time order."""
+    starts = []
+    for name in sorted(os.listdir(os.path.join(run_dir, "peers"))):
+        with open(os.path.join(run_dir, "peers", name)) as f:
+            starts += [row["t_start"] for row in map(json.loads, f) if row.get("round") == 1]
+    return sorted(starts)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run dir (must not exist)")
@@ -102,24 +111,23 @@ def main() -> None:
     metrics = os.path.join(args.out, "metrics.jsonl")
     launched = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    peak, first_row_at = {}, None
+    peak = {}
     while proc.poll() is None:
         sample = memory_by_kind(proc.pid)
         if sample.get("total", 0) > peak.get("total", 0):
             peak = sample
-        if first_row_at is None and os.path.exists(metrics) and os.path.getsize(metrics) > 0:
-            first_row_at = time.time()
         time.sleep(args.sample)
     with open(metrics) as f:
         rows = [json.loads(line) for line in f]
     per_peer = {k: peak[k] / max(1, peak["peers"]) for k in ("peer_python", "peer_p2pd")} if peak else {}
-    slowest = slowest_training(args.out)
+    slowest, starts = slowest_training(args.out), round_one_starts(args.out)
     for previous, row in zip([None, *rows], rows):
         row["period_seconds"] = row["elapsed_seconds"] - previous["elapsed_seconds"] if previous else None
         row["slowest_train_seconds"] = slowest.get(row["round"])
     out = {
         "command": " ".join(flags), "exit_code": proc.returncode,
-        "start_seconds": (first_row_at - launched - rows[0]["round_seconds"]) if first_row_at and rows else None,
+        "start_seconds": starts[-1] - launched if starts else None,
+        "first_start_seconds": starts[0] - launched if starts else None,
         "rounds": [{k: r.get(k) for k in ("round", "round_seconds", "train_seconds", "aggregation_seconds",
                                           "failed_steps", "test_accuracy", "period_seconds",
                                           "slowest_train_seconds")} for r in rows],
@@ -131,7 +139,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(out))
         return
-    print(f"{out['command']}: exit {out['exit_code']}, start {out['start_seconds']:.1f} s")
+    print(f"{out['command']}: exit {out['exit_code']}, start {out['start_seconds']:.1f} s (first peer "
+          f"{out['first_start_seconds']:.1f} s)")
     for r in out["rounds"]:
         pace = f", {r['period_seconds']:.1f} s after the previous one" if r["period_seconds"] else ""
         print(f"  round {r['round']}: {r['round_seconds']:.1f} s = train {r['train_seconds']:.1f} (slowest "
