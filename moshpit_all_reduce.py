@@ -73,6 +73,7 @@ from peer_synchronization import (
     DIAL_PATIENCE,
     PeerNetwork,
     PlaneError,
+    Renewal,
     TcpPlane,
     dht_poll_pause,
     dht_time,
@@ -813,20 +814,20 @@ class MoshpitAverager:
         return f"{self.options.prefix}.alive"
 
     async def _start_heartbeat(self) -> asyncio.Task:
+        endpoint, alive = Renewal(self.network.dht, self._endpoint_key()), Renewal(self.network.dht, self._alive_key())
+
         async def beat_forever():
             while True:
                 pause = self.options.heartbeat_interval
                 try:
                     if self._endpoint is not None and dht_time() >= self._endpoint_renewal:
-                        if await publish(self.network.dht, self._endpoint_key(), str(self.options.index),
-                                         self._endpoint, ttl=self.options.dht_ttl):
+                        if await endpoint.store(str(self.options.index), self._endpoint, ttl=self.options.dht_ttl):
                             self._endpoint_renewal = dht_time() + self.options.dht_ttl / 4
                         else:  # no node took it: without it no group-mate can dial us, so try again soon
                             logger.debug("data-plane endpoint not stored; again in %.0f s", ENDPOINT_RETRY)
                             pause = min(pause, ENDPOINT_RETRY)
                     beat = [dht_time(), self._round or 0, self.network.p2p.peer_id.to_bytes()]
-                    await publish(self.network.dht, self._alive_key(), str(self.options.index), beat,
-                                  ttl=4 * self.options.heartbeat_interval)
+                    await alive.store(str(self.options.index), beat, ttl=4 * self.options.heartbeat_interval)
                 except Exception as e:  # noqa: BLE001 - the next beat retries
                     logger.debug("heartbeat failed: %r", e)
                     pause = min(pause, ENDPOINT_RETRY)

@@ -79,6 +79,7 @@ BARRIER_POLL_PER_PEER = 0.1  # a barrier of N peers is read at most every max(0.
 BARRIER_LOCAL_CHECK = 0.2  # ... but its pushed completion is looked for in local storage this often
 BARRIER_FANOUT = 4  # children per peer in the tree that passes a barrier's completion on
 DHT_POLL_PER_PEER = 0.01  # see dht_poll_pause
+RENEWAL_SEARCH_EVERY = 120.0  # a record renewed again and again looks for its key's nodes again this often
 ADDRESS_REFRESH_MIN_INTERVAL = 1.0  # re-read the address records at most this often when a peer is unknown
 # a group-mate not yet in the address book (its record may still be on its way) is looked up again with
 # backoff for this long before the exchange goes ahead without a dial
@@ -951,21 +952,68 @@ async def poll_read(dht: Any, key: str, *, timeout: float = DHT_READ_TIMEOUT) ->
         return {}
 
 
-async def store_at(dht: Any, peer_id: Any, key: str, subkey: str, value: Any, *, ttl: float) -> bool:
-    """Store one subkey of ``key`` on the node ``peer_id`` only (one RPC, no search): how a barrier's completion
-    is pushed. The record is signed like any other, so the receiving node checks it the same way."""
-    from hivemind.dht.routing import DHTID
+def _signed(dht: Any, key_id: Any, subkey: str, value: Any, expiration: float) -> bytes:
+    """``value`` serialized as a DHT record of ``key_id`` / ``subkey``, with the run's HMAC when there is one."""
     from hivemind.dht.validation import DHTRecord
 
     proto = dht.protocol
-    key_id, expiration = DHTID.generate(source=key), dht_time() + ttl
     value_bytes = proto.serializer.dumps(value)
     if proto.record_validator is not None:
         record = DHTRecord(key_id.to_bytes(), proto.serializer.dumps(subkey), value_bytes, expiration)
         value_bytes = proto.record_validator.sign_value(record)
-    stored = await proto.call_store(peer_id, keys=[key_id], values=[value_bytes], expiration_time=[expiration],
-                                    subkeys=[subkey])
+    return value_bytes
+
+
+async def store_at(dht: Any, peer_id: Any, key: str, subkey: str, value: Any, *, ttl: float) -> bool:
+    """Store one subkey of ``key`` on the node ``peer_id`` only (one RPC, no search): how a barrier's completion
+    is pushed. The record is signed like any other, so the receiving node checks it the same way."""
+    from hivemind.dht.routing import DHTID
+
+    key_id, expiration = DHTID.generate(source=key), dht_time() + ttl
+    value_bytes = _signed(dht, key_id, subkey, value, expiration)
+    stored = await dht.protocol.call_store(peer_id, keys=[key_id], values=[value_bytes],
+                                           expiration_time=[expiration], subkeys=[subkey])
     return bool(stored and stored[0])
+
+
+class Renewal:
+    """A record that this peer stores again and again (its heartbeat, its data-plane endpoint): the nodes that
+    hold ``key`` are found by one search and then stored to directly, one RPC each, until a store fails or
+    :data:`RENEWAL_SEARCH_EVERY` seconds pass (nodes that joined since may be nearer by then). A heartbeat at
+    64 peers thus costs 5 RPCs instead of a 16-node search plus 5 stores.
+
+    :param dht: this peer's ``DHTNode``
+    :param key: the record's key; :meth:`store` takes the subkey
+    """
+
+    def __init__(self, dht: Any, key: str):
+        from hivemind.dht.routing import DHTID
+
+        self.dht, self.key, self.key_id = dht, key, DHTID.generate(source=key)
+        self._nodes: Dict[Any, Any] = {}  # DHTID -> PeerID of the key's nearest nodes (this node's own id too)
+        self._found_at = -math.inf
+
+    async def store(self, subkey: str, value: Any, *, ttl: float) -> bool:
+        """Store ``subkey``: ``value``; True when at least one of the key's nodes took it."""
+        if not self._nodes or time.monotonic() - self._found_at > RENEWAL_SEARCH_EVERY:
+            found = await self.dht.find_nearest_nodes([self.key_id], k_nearest=self.dht.num_replicas,
+                                                      beam_size=DHT_STORE_BEAM)
+            self._nodes, self._found_at = dict(found.get(self.key_id, {})), time.monotonic()
+        expiration = dht_time() + ttl
+        value_bytes = _signed(self.dht, self.key_id, subkey, value, expiration)
+
+        async def one(node_id, peer_id) -> bool:
+            if node_id == self.dht.node_id:
+                return self.dht.protocol.storage.store_subkey(self.key_id, subkey, value_bytes, expiration)
+            stored = await self.dht.protocol.call_store(peer_id, keys=[self.key_id], values=[value_bytes],
+                                                        expiration_time=[expiration], subkeys=[subkey])
+            return bool(stored and stored[0])
+
+        outcomes = await asyncio.gather(*(one(n, p) for n, p in self._nodes.items()), return_exceptions=True)
+        stored = sum(outcome is True for outcome in outcomes)
+        if stored < max(len(outcomes), self.dht.num_replicas):  # search again next time: a node is gone, busy or
+            self._nodes = {}  # refused, or the search found fewer nodes than the key should live on
+        return stored > 0
 
 
 def read_local(dht: Any, key: str) -> Dict[str, Any]:

@@ -281,3 +281,39 @@ def test_a_slow_first_neighbour_lookup_does_not_stop_the_start(no_new_p2pd, monk
     finally:
         net.shutdown()
     assert "neighbours timed out" in caplog.text
+
+
+def test_a_renewed_record_is_stored_on_its_keys_nodes_without_a_new_search(no_new_p2pd, monkeypatch):
+    # a heartbeat renewed every few seconds searches for its key's nodes once, then stores to them directly;
+    # what it stores is read like any other record, and a store to a node that is gone brings the search back
+    from peer_synchronization import Renewal, read_subkeys
+
+    boot = PeerNetwork(NetworkOptions()).start()
+    nets = [boot] + [PeerNetwork(NetworkOptions(initial_peers=boot.visible_maddrs())).start() for _ in range(5)]
+    writer, reader = nets[1], nets[2]
+    searches = []
+    real_search = writer.dht.find_nearest_nodes
+
+    async def counted(*args, **kwargs):
+        searches.append(args)
+        return await real_search(*args, **kwargs)
+
+    monkeypatch.setattr(writer.dht, "find_nearest_nodes", counted)
+    renewal = Renewal(writer.dht, "run.renewed")
+    try:
+        for beat in range(4):
+            assert writer.run(renewal.store("0", [beat, b"id"], ttl=60), timeout=30)
+            assert reader.run(read_subkeys(reader.dht, "run.renewed"), timeout=30) == {"0": [beat, b"id"]}
+        assert 1 <= len(searches) < 4  # a search that found fewer than 5 nodes is made again, once at most here
+        if not renewal._nodes:  # the last store searches again next time: let it
+            assert writer.run(renewal.store("0", [3, b"id"], ttl=60), timeout=30)
+        before = len(searches)
+        holder = next(n for n in nets[3:] if n.dht.node_id in renewal._nodes)
+        holder.shutdown()  # one of the key's nodes is gone: the others still take the record...
+        assert writer.run(renewal.store("0", [4, b"id"], ttl=60), timeout=60)
+        writer.run(renewal.store("0", [5, b"id"], ttl=60), timeout=60)
+        assert len(searches) == before + 1  # ... and the next renewal looks for the key's nodes again
+        assert reader.run(read_subkeys(reader.dht, "run.renewed"), timeout=30) == {"0": [5, b"id"]}
+    finally:
+        for net in nets:
+            net.shutdown()
