@@ -57,8 +57,8 @@ def test_a_barriers_completion_is_pushed_to_peers_that_cannot_see_it(networks, m
 
     real_read, last = ps.read_subkeys, networks[2].dht
 
-    async def blind_read(dht, key):
-        return await real_read(dht, key) if dht is last else {}
+    async def blind_read(dht, key, **kwargs):
+        return await real_read(dht, key, **kwargs) if dht is last else {}
 
     monkeypatch.setattr(ps, "read_subkeys", blind_read)
     results = {}
