@@ -12,8 +12,10 @@ Three concerns live here, none of which touches tensors:
   across hosts: its Kademlia tables drop addresses outside the public / private ranges it knows (e.g. the
   test ranges of RFC 5737, or any address when only a bootstrap node was dialled), so a peer that knows only
   the bootstrap node would never reach its group-mates on another host.
-* **Barriers**: one DHT key per barrier with one subkey per arrival, polled until everybody expected is there
-  or the deadline passes; the caller learns who arrived.
+* **Barriers**: one DHT key per barrier with one subkey per arrival; whoever first reads it complete pushes the
+  news down a tree of direct stores, the others read rarely; the caller learns who arrived by the deadline.
+* **DHT cost**: every search is narrowed (8 nodes per read, 16 per store), every poll is spaced by the number of
+  peers, and records renewed again and again are stored straight to their key's nodes (:class:`Renewal`).
 * **Sitting a round out**: a peer that does not aggregate in a round waits until the round's aggregating peers
   have said they are done (one DHT key per round, one subkey per peer), so that it never runs ahead into groups
   whose other members are still busy with an earlier round.
@@ -1103,18 +1105,17 @@ async def async_barrier(
     checks that local copy, at no cost, every 0.2 s. A lost push only costs its subtree the slower reads.
     """
     deadline = time.monotonic() + timeout
-    # every DHT call is bounded by the barrier's deadline: on an overloaded DHT (125 peers on 2 cores) one store
-    # or read could outlast it, and a peer that had finished every round died of its end barrier
-    try:
-        await asyncio.wait_for(publish(dht, key, str(me), dht.peer_id.to_bytes(), ttl=ttl), max(0.1, timeout))
-    except asyncio.TimeoutError:
-        logger.warning("barrier %s: our arrival could not be stored before the deadline", key)
+    # no DHT call holds the barrier: on an overloaded DHT (125 peers on 2 cores) one store or read could outlast
+    # its deadline (a peer that had finished every round died of its end barrier), and an arrival whose store
+    # did not land (its key's nodes too busy to answer) is stored again whenever a read does not show it
+    arrival = _announce(dht, key, me, ttl)
     wanted = frozenset(expected)
     if max_delay is None:
         max_delay = max(0.1, len(wanted) * BARRIER_POLL_PER_PEER)
     limit = max(wanted | {me}) + 1  # subkeys outside the expected range are nobody we wait for
     arrived: FrozenSet[int] = frozenset({me})
     done_key, next_read, pause = f"{key}.done", time.monotonic(), min(0.2, max_delay)
+    record: Dict[str, Any] = {}
     reading: Optional[asyncio.Future] = None  # a read runs beside the local checks: a push ends the wait at once
     try:
         while True:
@@ -1126,9 +1127,12 @@ async def async_barrier(
             if not pushed and reading is not None and reading.done():
                 record = reading.result()
                 reading = None
+                if str(me) not in record and arrival.done():
+                    arrival = _announce(dht, key, me, ttl)
                 arrived = frozenset(i for i in (_barrier_index(s, limit) for s in record) if i is not None) | {me}
                 if wanted <= arrived:
-                    pushed = {me: {i: _peer_id_value(record.get(str(i))) or b"" for i in wanted | {me}}}
+                    ids = {i: _peer_id_value(record.get(str(i))) or b"" for i in wanted}
+                    pushed = {me: {**ids, me: dht.peer_id.to_bytes()}}  # our own arrival may still be on its way
                 next_read, pause = time.monotonic() + pause, min(2 * pause, max_delay)
             if pushed:
                 for root, ids in pushed.items():
@@ -1136,6 +1140,8 @@ async def async_barrier(
                 return frozenset(next(iter(pushed.values()))) | {me}
             now = time.monotonic()
             if now >= deadline:
+                if not arrival.done() or str(me) not in record:
+                    logger.warning("barrier %s: our arrival may not have been stored before the deadline", key)
                 return arrived
             wake = min(BARRIER_LOCAL_CHECK, deadline - now)
             if reading is None:
@@ -1149,7 +1155,24 @@ async def async_barrier(
             reading.cancel()
 
 
-_PUSHES: Set[asyncio.Task] = set()  # completion pushes still in flight (kept referenced until they end)
+_PUSHES: Set[asyncio.Future] = set()  # arrivals and completion pushes in flight (kept referenced until they end)
+
+
+def _announce(dht: Any, key: str, me: int, ttl: float) -> asyncio.Future:
+    """Store our arrival under ``key`` in the background (the value: our peer id, where a completion is pushed),
+    bounded by :data:`DHT_READ_TIMEOUT`; the future's result says whether a node took it."""
+    async def store() -> bool:
+        try:
+            return await asyncio.wait_for(publish(dht, key, str(me), dht.peer_id.to_bytes(), ttl=ttl),
+                                          DHT_READ_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - stored again after the next read that does not show it
+            logger.debug("barrier %s: storing our arrival failed: %r", key, e)
+            return False
+
+    task = asyncio.ensure_future(store())
+    _PUSHES.add(task)
+    task.add_done_callback(_PUSHES.discard)
+    return task
 
 
 def _pass_completion_on(dht: Any, done_key: str, root: int, ids: Dict[int, bytes], *, me: int, ttl: float) -> None:
