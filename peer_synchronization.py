@@ -710,6 +710,9 @@ class PeerNetwork:
             initial_peers=list(opts.initial_peers),
             cache_locally=False,  # barriers must see fresh subkeys, never a cached snapshot
             cache_on_store=False,
+            # nor copy what they read to other nodes: by default every read that finds a record sends all of it
+            # (every subkey, each checked there) to one more node, the busiest ones at 125 peers
+            cache_nearest=0,
             wait_timeout=DHT_RPC_TIMEOUT,
             ensure_bootstrap_success=False,  # checked below, with retries instead of one 3-second chance
             record_validator=RunSecretValidator(opts.run_secret) if opts.run_secret else None,

@@ -299,13 +299,14 @@ def test_a_renewed_record_is_stored_on_its_keys_nodes_without_a_new_search(no_ne
         return {query: {n.dht.node_id: n.dht.peer_id for n in holders} for query in queries}
 
     monkeypatch.setattr(writer.dht, "find_nearest_nodes", search)
+    # as in a run, where the address records are read long before: each holder is dialled at its address
+    assert writer.run(writer.await_addresses([n.dht.peer_id.to_bytes() for n in holders], patience=30), timeout=60)
     renewal = Renewal(writer.dht, "run.renewed")
     try:
         for beat in range(5):
             assert writer.run(renewal.store("0", [beat, b"id"], ttl=60), timeout=30)
             assert reader.run(read_subkeys(reader.dht, "run.renewed"), timeout=30) == {"0": [beat, b"id"]}
-        assert len(searches) <= 2  # a first dial to a node may fail once; after that, no search per beat
-        assert renewal._nodes  # the last beat reached all five nodes: the next one will not search
+        assert len(searches) == 1
         before = len(searches)
         nets[4].shutdown()  # one of the key's nodes is gone: the others still take the record...
         assert writer.run(renewal.store("0", [5, b"id"], ttl=60), timeout=60)
