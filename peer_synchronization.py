@@ -83,6 +83,7 @@ BARRIER_LOCAL_CHECK = 0.2  # ... but its pushed completion is looked for in loca
 BARRIER_FANOUT = 4  # children per peer in the tree that passes a barrier's completion on
 DHT_POLL_PER_PEER = 0.01  # see dht_poll_pause
 RENEWAL_SEARCH_EVERY = 120.0  # a record renewed again and again looks for its key's nodes again this often
+ADDRESS_RETRY = 3.0  # an address record that no node took is stored again after this (doubling each time)
 ADDRESS_REFRESH_MIN_INTERVAL = 1.0  # re-read the address records at most this often when a peer is unknown
 # a group-mate not yet in the address book (its record may still be on its way) is looked up again with
 # backoff for this long before the exchange goes ahead without a dial
@@ -720,8 +721,7 @@ class PeerNetwork:
         )
         self.p2p.lookup = self._lookup_address
         await self._ensure_bootstrapped(time.monotonic() + opts.startup_timeout)
-        await self._publish_address()
-        self._publisher = asyncio.create_task(self._publish_address_forever())
+        self._publisher = asyncio.create_task(self._publish_address_forever(await self._publish_address()))
 
     # ---------- address records ----------
 
@@ -732,18 +732,23 @@ class PeerNetwork:
         listening = [str(m) for m in await self.p2p.get_visible_maddrs(latest=True)]
         return advertised_maddrs(listening, announce_host=self.options.announce_host)
 
-    async def _publish_address(self) -> None:
+    async def _publish_address(self) -> bool:
         try:
-            await publish(self.dht, self.address_key(), self.p2p.peer_id.to_base58(), await self.advertised(),
-                          ttl=self.options.address_ttl)
-        except Exception as e:  # noqa: BLE001 - retried later; peers may still reach us via the bootstrap
+            return await publish(self.dht, self.address_key(), self.p2p.peer_id.to_base58(),
+                                 await self.advertised(), ttl=self.options.address_ttl)
+        except Exception as e:  # noqa: BLE001 - retried soon; peers may still reach us via the bootstrap
             logger.debug("address record not published: %r", e)
+            return False
 
-    async def _publish_address_forever(self) -> None:
-        """Keep our address record fresh for as long as we run (it expires if we die)."""
+    async def _publish_address_forever(self, stored: bool = True) -> None:
+        """Keep our address record fresh for as long as we run (it expires if we die). A record that no node
+        took is stored again within seconds (with backoff), not at the next renewal: until it lands, no peer that
+        we have not called ourselves can dial us (at 125 peers a third of the records were missing)."""
+        retry = ADDRESS_RETRY
         while True:
-            await asyncio.sleep(self.options.address_ttl / 3)
-            await self._publish_address()
+            await asyncio.sleep(self.options.address_ttl / 3 if stored else retry)
+            retry = ADDRESS_RETRY if stored else min(2 * retry, self.options.address_ttl / 3)
+            stored = await self._publish_address()
 
     async def refresh_addresses(self) -> int:
         """Read every node's address record; returns how many peers we can dial.

@@ -316,3 +316,29 @@ def test_a_renewed_record_is_stored_on_its_keys_nodes_without_a_new_search(no_ne
     finally:
         for net in nets:
             net.shutdown()
+
+
+def test_an_address_record_that_did_not_land_is_stored_again_soon(monkeypatch):
+    # the renewal comes only every TTL / 3 (200 s); a first store that no node took is tried again in seconds
+    import asyncio
+
+    import peer_synchronization as ps
+
+    net = PeerNetwork(NetworkOptions())
+    outcomes = iter([False, False, True, True])
+    calls = []
+
+    async def publish_address():
+        calls.append(True)
+        return next(outcomes)
+
+    monkeypatch.setattr(ps, "ADDRESS_RETRY", 0.05)
+    monkeypatch.setattr(net, "_publish_address", publish_address)
+
+    async def main():
+        task = asyncio.ensure_future(net._publish_address_forever(False))
+        await asyncio.sleep(1.0)  # retries after 0.05 and 0.1 s; then the next renewal is TTL / 3 (200 s) away
+        task.cancel()
+
+    asyncio.run(main())
+    assert len(calls) == 3
