@@ -766,10 +766,15 @@ class PeerNetwork:
         started = time.monotonic()
         _IN_REFRESH.set(True)  # this task's context only (and the tasks it starts)
         try:
-            for subkey, value in (await read_subkeys(self.dht, self.address_key())).items():
+            # shared by every caller and awaited by none for long: given time to finish on a loaded host (the
+            # bound of other reads cut it short and left group-mates undialable in a loaded test run)
+            record = await read_subkeys(self.dht, self.address_key(), timeout=3 * DHT_READ_TIMEOUT)
+            for subkey, value in record.items():
                 parsed = parse_address_record(subkey, value)
                 if parsed is not None:
                     self.addresses[parsed[0]] = parsed[1]
+        except asyncio.TimeoutError:
+            logger.debug("address records unread after %.0f s", time.monotonic() - started)
         finally:  # a slow read (a busy node) spaces the next lookup-driven read out as much
             self._refresh_pause = max(ADDRESS_REFRESH_MIN_INTERVAL, time.monotonic() - started)
             self._last_refresh = time.monotonic()

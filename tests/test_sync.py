@@ -193,7 +193,7 @@ def test_a_dht_call_made_by_an_address_refresh_does_not_wait_for_that_refresh(mo
     net = PeerNetwork(NetworkOptions())
     inner = []
 
-    async def slow_read_with_a_routed_call(dht, key):
+    async def slow_read_with_a_routed_call(dht, key, **kwargs):
         await asyncio.sleep(1.2)  # a slow read: past the refresh spacing, so a lookup may start waiting
         started = time.monotonic()
         inner.append(await net._lookup_address(b"a node the read met"))
