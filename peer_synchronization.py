@@ -1159,9 +1159,7 @@ async def async_barrier(
                 return arrived
             wake = min(BARRIER_LOCAL_CHECK, deadline - now)
             if reading is None:
-                wake = min(wake, max(0.0, next_read - now))
-            if reading is None:
-                await asyncio.sleep(wake)
+                await asyncio.sleep(min(wake, max(0.0, next_read - now)))
             else:
                 await asyncio.wait([reading], timeout=wake)
     finally:
