@@ -450,6 +450,7 @@ class OrderedReducer(TensorPartReducer):
             self.reset_accumulators()
 
 STREAM_LINGER = 5.0  # at most this long an all-reduce stream stays open after its last message
+FETCH_ATTEMPTS = 3  # a gather stream cut short is resumed where it ended, this many streams in all
 
 
 class CountingRunner(AllReduceRunner):
@@ -636,8 +637,12 @@ class MoshpitServicer(ServicerBase):
         if reader not in entry.readers:  # our model goes to group-mates only
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
+        start = resume_point(request, len(entry.chunks))
+        if start is None:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
         entry.traffic.received += request.ByteSize()
-        for chunk in entry.chunks:
+        for chunk in entry.chunks[start:]:
             msg = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=chunk)
             entry.traffic.sent += msg.ByteSize()
             yield msg
@@ -655,6 +660,15 @@ class MoshpitServicer(ServicerBase):
         for position, chunk in enumerate(chunks):
             yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=chunk,
                                               group_id=str(round_index).encode() if position == 0 else b"")
+
+
+def resume_point(request: averaging_pb2.AveragingData, total: int) -> Optional[int]:
+    """The chunk a gather request asks to start from (its ``weight``: 0, or where a cut stream ended);
+    None if that is not a whole number in ``[0, total]``."""
+    start = request.weight
+    if not math.isfinite(start) or start != int(start) or not 0 <= start <= total:
+        return None
+    return int(start)
 
 
 async def _nobody(peer_id: PeerID) -> bool:
@@ -1188,23 +1202,39 @@ class MoshpitAverager:
             self.servicer.shared.pop(group_id, None)
 
     async def _fetch(self, member: _Member, group_id: bytes, like, traffic) -> List[torch.Tensor]:
-        """``member``'s full tensors offered under ``group_id``, checked against ``like`` (shape, dtype, finite)."""
-        stub = self._servicer_cls.get_stub(self.network.p2p, PeerID(member.peer_id), namespace=self.options.prefix)
-        request = averaging_pb2.AveragingData(group_id=group_id)
-        traffic.sent += request.ByteSize()
-        parts = []
-        async for msg in await stub.rpc_gather(request):
-            traffic.received += msg.ByteSize()
-            if msg.code != averaging_pb2.AVERAGED_PART:
-                raise AveragingError(f"peer {member.index} refused to send its tensors: {msg.code}")
-            parts.append(msg.tensor_part)
-        received = [deserialize_torch_tensor(t) for t in _regroup(parts, combine_from_streaming)]
+        """``member``'s full tensors offered under ``group_id``, checked against ``like`` (shape, dtype, finite).
+        A stream cut short (libp2p reports a closed connection as the end of the stream) is resumed where it
+        ended, up to :data:`FETCH_ATTEMPTS` times: only the missing chunks travel again."""
+        parts: List[Any] = []
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            await self._stream_parts(member, group_id, parts, traffic)
+            try:
+                received = _regroup(parts, combine_from_streaming)
+                if len(received) >= len(like):
+                    break
+                raise TruncatedStream(f"stream ended after {len(received)} of {len(like)} tensors")
+            except TruncatedStream as e:
+                if attempt == FETCH_ATTEMPTS:
+                    raise AveragingError(f"peer {member.index}'s stream was cut {attempt} times: {e}") from e
+                logger.info("stream from peer %d cut after %d chunks (%s): resuming", member.index, len(parts), e)
+        received = [deserialize_torch_tensor(t) for t in received]
         problems = [check_part(got, shape=own.shape, dtype=own.dtype) for got, own in zip(received, like)]
         problem = f"{len(received)} tensors instead of {len(like)}" if len(received) != len(like) \
             else next((p for p in problems if p is not None), None)
         if problem is not None:
             raise AveragingError(f"peer {member.index} sent unusable tensors: {problem}")
         return received
+
+    async def _stream_parts(self, member: _Member, group_id: bytes, parts: List[Any], traffic) -> None:
+        """Append to ``parts`` the chunks ``member`` streams under ``group_id``, from chunk ``len(parts)`` on."""
+        stub = self._servicer_cls.get_stub(self.network.p2p, PeerID(member.peer_id), namespace=self.options.prefix)
+        request = averaging_pb2.AveragingData(group_id=group_id, weight=len(parts))
+        traffic.sent += request.ByteSize()
+        async for msg in await stub.rpc_gather(request):
+            traffic.received += msg.ByteSize()
+            if msg.code != averaging_pb2.AVERAGED_PART:
+                raise AveragingError(f"peer {member.index} refused to send its tensors: {msg.code}")
+            parts.append(msg.tensor_part)
 
     async def _fetch_in_order(self, sources: Sequence[_Member], group_ids: Sequence[bytes], like, traffic,
                               consume: Callable[[int, List[torch.Tensor]], None], *, window: int = 4) -> List[int]:
@@ -1528,14 +1558,22 @@ async def _azip(tensors: Sequence[torch.Tensor], deltas) -> AsyncIterator[Tuple[
         index += 1
 
 
+class TruncatedStream(AveragingError):
+    """A stream of chunks ended inside a tensor (the connection closed early: libp2p reports that as an end)."""
+
+
 def _regroup(chunks, combine) -> List[Any]:
-    """Split a flat chunk stream back into tensors: each tensor's first chunk says how many chunks it has."""
+    """Split a flat chunk stream back into tensors: each tensor's first chunk says how many chunks it has.
+    A stream that ends inside a tensor raises :class:`TruncatedStream` instead of yielding a short tensor."""
     tensors, position = [], 0
     while position < len(chunks):
         count = max(1, chunks[position].chunks)
+        if position + count > len(chunks):
+            raise TruncatedStream(f"stream ended after {len(chunks) - position} of a tensor's {count} chunks")
         tensors.append(combine(chunks[position : position + count]))
         position += count
     return tensors
+
 
 
 # ==================== a whole MAR pass ====================

@@ -116,6 +116,59 @@ def test_rdfl_sends_n_minus_1_payloads_and_every_peer_has_the_exact_mean(five_ne
     assert torch.allclose(tensors[0][0], torch.stack([values(i)[0] for i in range(n)]).mean(0), atol=1e-6)
 
 
+def test_a_gather_stream_cut_short_is_resumed_where_it_ended(five_networks, monkeypatch):
+    """libp2p ends a stream whose connection closed as if it were complete: the reader must notice the missing
+    chunks and fetch just those again, so the mean stays exact and the bytes stay n - 1 payloads."""
+    from moshpit_all_reduce import MoshpitServicer
+
+    n, cut_after, cut = 4, 5, set()
+    original = MoshpitServicer.rpc_gather
+
+    async def cutting(self, request, context):
+        sent = 0
+        async for msg in original(self, request, context):
+            yield msg
+            sent += 1
+            if sent == cut_after and (id(self), context.remote_id) not in cut:
+                cut.add((id(self), context.remote_id))
+                return  # the stream closes here, mid-tensor, with no error: what a dropped connection looks like
+
+    monkeypatch.setattr(MoshpitServicer, "rpc_gather", cutting)
+    tensors = {i: values(i) for i in range(n)}
+    reports = run_all(five_networks, "cut_rdfl", lambda i, av: av.average_all(
+        tensors[i], key="cut_rdfl.k", expected=frozenset(range(n))), n)
+    assert len(cut) == n * (n - 1)  # every stream was cut once
+    for i, report in reports.items():
+        assert not report.failed and not report.failed_peers and report.members == (0, 1, 2, 3)
+        assert close(report.bytes_received, (n - 1) * PAYLOAD), report.bytes_received
+    assert all(torch.equal(tensors[i][0], tensors[0][0]) for i in range(n))
+    assert torch.allclose(tensors[0][0], torch.stack([values(i)[0] for i in range(n)]).mean(0), atol=1e-6)
+
+
+def test_regroup_and_resume_point_are_strict():
+    from hivemind.proto import averaging_pb2
+    from hivemind.utils.streaming import combine_from_streaming
+
+    from moshpit_all_reduce import (
+        TruncatedStream,
+        _regroup,
+        deserialize_torch_tensor,
+        resume_point,
+        serialize_torch_tensor,
+        split_for_streaming,
+    )
+
+    whole = torch.arange(70_000.0)
+    chunks = list(split_for_streaming(serialize_torch_tensor(whole), 65536))
+    assert len(chunks) > 2
+    assert torch.equal(deserialize_torch_tensor(_regroup(chunks, combine_from_streaming)[0]), whole)
+    with pytest.raises(TruncatedStream):
+        _regroup(chunks[:-1], combine_from_streaming)
+    for weight, expected in [(0, 0), (3, 3), (10, 10), (11, None), (-1, None), (2.5, None), (float("nan"), None),
+                             (float("inf"), None)]:
+        assert resume_point(averaging_pb2.AveragingData(weight=weight), 10) == expected
+
+
 def test_fedavg_client_sends_one_payload_and_the_server_n(five_networks):
     n, server = 4, 4
     tensors = {i: values(i) for i in range(n)}
