@@ -732,13 +732,30 @@ class PeerNetwork:
         listening = [str(m) for m in await self.p2p.get_visible_maddrs(latest=True)]
         return advertised_maddrs(listening, announce_host=self.options.announce_host)
 
+    def _initial_peer_ids(self) -> List[Any]:
+        """The peer ids of the initial peers (not our own): the nodes every peer can dial from the start."""
+        from hivemind.p2p import PeerID
+        from hivemind.utils.multiaddr import Multiaddr
+
+        ids = {PeerID.from_base58(Multiaddr(m)["p2p"]) for m in self.options.initial_peers}
+        return sorted(ids - {self.p2p.peer_id}, key=lambda p: p.to_bytes()) if ids else []
+
     async def _publish_address(self) -> bool:
+        """Store our address record in the DHT and straight on the initial peers. The direct copy is what lets a
+        peer that has just joined dial anybody: the DHT search for the record must reach nodes it can only dial
+        once it knows their addresses (at 125 peers, a third of them stored their record on the bootstrap node and
+        themselves only, where no reader looked)."""
+        key, subkey = self.address_key(), self.p2p.peer_id.to_base58()
         try:
-            return await publish(self.dht, self.address_key(), self.p2p.peer_id.to_base58(),
-                                 await self.advertised(), ttl=self.options.address_ttl)
+            value = await self.advertised()
+            direct = [store_at(self.dht, p, key, subkey, value, ttl=self.options.address_ttl)
+                      for p in self._initial_peer_ids()]
+            stored = await asyncio.gather(publish(self.dht, key, subkey, value, ttl=self.options.address_ttl),
+                                          *direct, return_exceptions=True)
         except Exception as e:  # noqa: BLE001 - retried soon; peers may still reach us via the bootstrap
             logger.debug("address record not published: %r", e)
             return False
+        return all(ok is True for ok in stored)
 
     async def _publish_address_forever(self, stored: bool = True) -> None:
         """Keep our address record fresh for as long as we run (it expires if we die). A record that no node
@@ -768,13 +785,18 @@ class PeerNetwork:
         try:
             # shared by every caller and awaited by none for long: given time to finish on a loaded host (the
             # bound of other reads cut it short and left group-mates undialable in a loaded test run)
-            record = await read_subkeys(self.dht, self.address_key(), timeout=3 * DHT_READ_TIMEOUT)
-            for subkey, value in record.items():
-                parsed = parse_address_record(subkey, value)
-                if parsed is not None:
-                    self.addresses[parsed[0]] = parsed[1]
-        except asyncio.TimeoutError:
-            logger.debug("address records unread after %.0f s", time.monotonic() - started)
+            key = self.address_key()
+            reads = [read_subkeys(self.dht, key, timeout=3 * DHT_READ_TIMEOUT)] + [
+                asyncio.wait_for(read_at(self.dht, p, key), DHT_READ_TIMEOUT) for p in self._initial_peer_ids()]
+            held = [read_local(self.dht, key)] if self.dht is not None else []
+            for record in held + await asyncio.gather(*reads, return_exceptions=True):
+                if isinstance(record, BaseException):
+                    logger.debug("address records unread: %r", record)
+                    continue
+                for subkey, value in record.items():
+                    parsed = parse_address_record(subkey, value)
+                    if parsed is not None:
+                        self.addresses[parsed[0]] = parsed[1]
         finally:  # a slow read (a busy node) spaces the next lookup-driven read out as much
             self._refresh_pause = max(ADDRESS_REFRESH_MIN_INTERVAL, time.monotonic() - started)
             self._last_refresh = time.monotonic()
@@ -1036,15 +1058,32 @@ def read_local(dht: Any, key: str) -> Dict[str, Any]:
     """The unexpired subkeys of ``key`` that this node holds itself (pushed to it, or as one of its replicas);
     no RPC. Only records that passed the node's validator when they were stored are there."""
     from hivemind.dht.routing import DHTID
+
+    key_id = DHTID.generate(source=key)
+    entry = dht.protocol.storage.get(key_id)
+    return {} if entry is None else _subkeys_of(dht, key_id, entry.value)
+
+
+async def read_at(dht: Any, peer_id: Any, key: str) -> Dict[str, Any]:
+    """The subkeys of ``key`` that the node ``peer_id`` holds (one RPC, no search; its answer is checked by our
+    validator like any found record). {} if it holds none or did not answer."""
+    from hivemind.dht.routing import DHTID
+
+    key_id = DHTID.generate(source=key)
+    found = await dht.protocol.call_find(peer_id, [key_id])
+    entry = (found or {}).get(key_id, (None, {}))[0]
+    return {} if entry is None else _subkeys_of(dht, key_id, entry.value)
+
+
+def _subkeys_of(dht: Any, key_id: Any, value: Any) -> Dict[str, Any]:
+    """``{subkey: value}`` of a dictionary record, signatures stripped; unreadable subkeys are left out."""
     from hivemind.dht.storage import DictionaryDHTValue
     from hivemind.dht.validation import DHTRecord
 
-    proto, key_id = dht.protocol, DHTID.generate(source=key)
-    entry = proto.storage.get(key_id)
-    if entry is None or not isinstance(entry.value, DictionaryDHTValue):
+    if not isinstance(value, DictionaryDHTValue):
         return {}
-    out = {}
-    for subkey, (value_bytes, expiration) in entry.value.items():
+    proto, out = dht.protocol, {}
+    for subkey, (value_bytes, expiration) in value.items():
         try:
             if proto.record_validator is not None:
                 record = DHTRecord(key_id.to_bytes(), proto.serializer.dumps(subkey), value_bytes, expiration)

@@ -10,6 +10,7 @@ from peer_synchronization import (
     barrier,
     parse_done,
     parse_initial_peers,
+    read_local,
     round_done_key,
     still_working,
     wait_for_round,
@@ -342,3 +343,32 @@ def test_an_address_record_that_did_not_land_is_stored_again_soon(monkeypatch):
 
     asyncio.run(main())
     assert len(calls) == 3
+
+
+def test_addresses_travel_through_the_initial_peers_when_dht_searches_cannot(no_new_p2pd, monkeypatch):
+    # a peer that has just joined can dial only the initial peers: a DHT search for the address records must reach
+    # nodes it cannot dial yet. Each peer also stores its record straight on the initial peers and reads theirs.
+    import asyncio
+
+    import peer_synchronization as ps
+
+    async def search_fails(*args, **kwargs):
+        raise asyncio.TimeoutError
+
+    async def store_lands_nowhere(*args, **kwargs):
+        return False
+
+    boot = PeerNetwork(NetworkOptions()).start()
+    nets = [boot]
+    try:
+        monkeypatch.setattr(ps, "read_subkeys", search_fails)
+        monkeypatch.setattr(ps, "publish", store_lands_nowhere)
+        nets += [PeerNetwork(NetworkOptions(initial_peers=boot.visible_maddrs())).start() for _ in range(3)]
+        held = read_local(boot.dht, boot.address_key())
+        assert {net.p2p.peer_id.to_base58() for net in nets[1:]} <= held.keys()
+        for net in nets[1:]:
+            net.run(net.refresh_addresses(), timeout=60)
+            assert {other.p2p.peer_id.to_bytes() for other in nets[1:] if other is not net} <= net.addresses.keys()
+    finally:
+        for net in nets:
+            net.shutdown()
