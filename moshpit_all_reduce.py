@@ -84,6 +84,7 @@ from peer_synchronization import (
     publish,
     reachable_host,
     read_subkeys,
+    store_at,
 )
 
 logger = logging.getLogger("mar_fl.mar")
@@ -424,10 +425,11 @@ class OrderedReducer(TensorPartReducer):
         weight = 1.0
         self.num_parts_received[sender_index] += 1
         while part_index > self.current_part_index:
-            await asyncio.wait(
-                {self.current_part_future, asyncio.create_task(self.finished.wait())},
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            finished = asyncio.ensure_future(self.finished.wait())
+            try:  # the waiter is cancelled, not left pending (thousands of them were at 125 peers)
+                await asyncio.wait({self.current_part_future, finished}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                finished.cancel()
             if self.finished.is_set():
                 raise BannedException("reducer finalized")
         if self.sender_failed_after[sender_index] != float("inf"):
@@ -811,6 +813,7 @@ class MoshpitAverager:
         self.plane: Optional[TcpPlane] = None
         self._endpoint: Optional[List[Any]] = None  # [host, port] of our data plane, renewed every dht_ttl / 4
         self._endpoint_renewal = dht_time() + options.dht_ttl / 4
+        self._endpoints: Dict[int, Tuple[str, int]] = {}  # group-mates' data-plane endpoints, as read
         if options.transport == "tcp":
             network.run(self._start_plane(), timeout=60)
         self._heartbeat = network.run(self._start_heartbeat(), timeout=30)
@@ -835,7 +838,7 @@ class MoshpitAverager:
                 pause = self.options.heartbeat_interval
                 try:
                     if self._endpoint is not None and dht_time() >= self._endpoint_renewal:
-                        if await endpoint.store(str(self.options.index), self._endpoint, ttl=self.options.dht_ttl):
+                        if await self._store_endpoint(endpoint):
                             self._endpoint_renewal = dht_time() + self.options.dht_ttl / 4
                         else:  # no node took it: without it no group-mate can dial us, so try again soon
                             logger.debug("data-plane endpoint not stored; again in %.0f s", ENDPOINT_RETRY)
@@ -848,6 +851,16 @@ class MoshpitAverager:
                 await asyncio.sleep(pause)
 
         return asyncio.create_task(beat_forever())
+
+    async def _store_endpoint(self, renewal: Renewal) -> bool:
+        """Our data-plane endpoint on its key's nodes and on the initial peers (where a peer that cannot find the
+        key's nodes yet reads it); True if every copy landed."""
+        subkey, ttl = str(self.options.index), self.options.dht_ttl
+        stored = await asyncio.gather(
+            renewal.store(subkey, self._endpoint, ttl=ttl),
+            *(store_at(self.network.dht, p, self._endpoint_key(), subkey, self._endpoint, ttl=ttl)
+              for p in self.network.initial_peer_ids()), return_exceptions=True)
+        return all(ok is True for ok in stored)
 
     def begin_round(self, round_index: int) -> None:
         """Once per round: forgive last round's offenders and, if somebody is presumed gone, read who is alive
@@ -899,13 +912,20 @@ class MoshpitAverager:
         plane, deadline, delay = self.plane, time.monotonic() + DIAL_PATIENCE, 0.05
         missing = {p for p in peers if not plane.connected(p)}
         while missing:
-            record = await poll_read(self.network.dht, self._endpoint_key(), timeout=deadline - time.monotonic())
-            endpoints = {p: parse_endpoint(record.get(str(p))) for p in missing}
-            outcomes = await asyncio.gather(*(plane.connect(p, *endpoints[p]) for p in missing if endpoints[p]),
+            if not missing <= self._endpoints.keys():  # endpoints do not move: read again only for new peers
+                record = await self.network.read_shared(self._endpoint_key(),
+                                                        timeout=max(0.1, deadline - time.monotonic()))
+                for subkey, value in record.items():
+                    index, endpoint = parse_index(subkey, self.options.num_peers), parse_endpoint(value)
+                    if index is not None and endpoint is not None:
+                        self._endpoints[index] = endpoint
+            dialled = [p for p in missing if p in self._endpoints]
+            outcomes = await asyncio.gather(*(plane.connect(p, *self._endpoints[p]) for p in dialled),
                                             return_exceptions=True)
-            for error in outcomes:
+            for peer, error in zip(dialled, outcomes):
                 if isinstance(error, BaseException):
                     logger.debug("data plane: %r", error)
+                    self._endpoints.pop(peer, None)  # maybe restarted elsewhere: its record is read again
             missing = {p for p in missing if not plane.connected(p)}
             if not missing or time.monotonic() + delay >= deadline:
                 break

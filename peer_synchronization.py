@@ -732,7 +732,7 @@ class PeerNetwork:
         listening = [str(m) for m in await self.p2p.get_visible_maddrs(latest=True)]
         return advertised_maddrs(listening, announce_host=self.options.announce_host)
 
-    def _initial_peer_ids(self) -> List[Any]:
+    def initial_peer_ids(self) -> List[Any]:
         """The peer ids of the initial peers (not our own): the nodes every peer can dial from the start."""
         from hivemind.p2p import PeerID
         from hivemind.utils.multiaddr import Multiaddr
@@ -740,22 +740,37 @@ class PeerNetwork:
         ids = {PeerID.from_base58(Multiaddr(m)["p2p"]) for m in self.options.initial_peers}
         return sorted(ids - {self.p2p.peer_id}, key=lambda p: p.to_bytes()) if ids else []
 
+    async def store_shared(self, key: str, subkey: str, value: Any, *, ttl: float) -> bool:
+        """Store a record that every peer reads (addresses, data-plane endpoints) in the DHT and straight on the
+        initial peers; True if every copy landed. The direct copy is what a peer that has just joined can read:
+        a DHT search must reach nodes it can dial only once it knows their addresses (at 125 peers a third of the
+        peers stored their records on the bootstrap node and themselves only, where no reader looked)."""
+        direct = [store_at(self.dht, p, key, subkey, value, ttl=ttl) for p in self.initial_peer_ids()]
+        stored = await asyncio.gather(publish(self.dht, key, subkey, value, ttl=ttl), *direct,
+                                      return_exceptions=True)
+        return all(ok is True for ok in stored)
+
+    async def read_shared(self, key: str, *, timeout: float = DHT_READ_TIMEOUT) -> Dict[str, Any]:
+        """The subkeys of a record stored with :meth:`store_shared`: what this node holds, what the initial peers
+        hold and what a DHT search finds, merged (a copy that could not be read is left out)."""
+        reads = [read_subkeys(self.dht, key, timeout=timeout)] + [
+            asyncio.wait_for(read_at(self.dht, p, key), min(timeout, DHT_READ_TIMEOUT))
+            for p in self.initial_peer_ids()]
+        merged = read_local(self.dht, key) if self.dht is not None else {}
+        for record in await asyncio.gather(*reads, return_exceptions=True):
+            if isinstance(record, BaseException):
+                logger.debug("a copy of %s unread: %r", key, record)
+            else:
+                merged.update(record)
+        return merged
+
     async def _publish_address(self) -> bool:
-        """Store our address record in the DHT and straight on the initial peers. The direct copy is what lets a
-        peer that has just joined dial anybody: the DHT search for the record must reach nodes it can only dial
-        once it knows their addresses (at 125 peers, a third of them stored their record on the bootstrap node and
-        themselves only, where no reader looked)."""
-        key, subkey = self.address_key(), self.p2p.peer_id.to_base58()
         try:
-            value = await self.advertised()
-            direct = [store_at(self.dht, p, key, subkey, value, ttl=self.options.address_ttl)
-                      for p in self._initial_peer_ids()]
-            stored = await asyncio.gather(publish(self.dht, key, subkey, value, ttl=self.options.address_ttl),
-                                          *direct, return_exceptions=True)
+            return await self.store_shared(self.address_key(), self.p2p.peer_id.to_base58(),
+                                           await self.advertised(), ttl=self.options.address_ttl)
         except Exception as e:  # noqa: BLE001 - retried soon; peers may still reach us via the bootstrap
             logger.debug("address record not published: %r", e)
             return False
-        return all(ok is True for ok in stored)
 
     async def _publish_address_forever(self, stored: bool = True) -> None:
         """Keep our address record fresh for as long as we run (it expires if we die). A record that no node
@@ -785,18 +800,10 @@ class PeerNetwork:
         try:
             # shared by every caller and awaited by none for long: given time to finish on a loaded host (the
             # bound of other reads cut it short and left group-mates undialable in a loaded test run)
-            key = self.address_key()
-            reads = [read_subkeys(self.dht, key, timeout=3 * DHT_READ_TIMEOUT)] + [
-                asyncio.wait_for(read_at(self.dht, p, key), DHT_READ_TIMEOUT) for p in self._initial_peer_ids()]
-            held = [read_local(self.dht, key)] if self.dht is not None else []
-            for record in held + await asyncio.gather(*reads, return_exceptions=True):
-                if isinstance(record, BaseException):
-                    logger.debug("address records unread: %r", record)
-                    continue
-                for subkey, value in record.items():
-                    parsed = parse_address_record(subkey, value)
-                    if parsed is not None:
-                        self.addresses[parsed[0]] = parsed[1]
+            for subkey, value in (await self.read_shared(self.address_key(), timeout=3 * DHT_READ_TIMEOUT)).items():
+                parsed = parse_address_record(subkey, value)
+                if parsed is not None:
+                    self.addresses[parsed[0]] = parsed[1]
         finally:  # a slow read (a busy node) spaces the next lookup-driven read out as much
             self._refresh_pause = max(ADDRESS_REFRESH_MIN_INTERVAL, time.monotonic() - started)
             self._last_refresh = time.monotonic()

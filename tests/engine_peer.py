@@ -168,7 +168,8 @@ def main() -> None:
         torch.save(tensors, args.out)
         with open(args.out + ".json", "w") as f:
             json.dump({"members": [s.members for s in report.steps], "sent": report.bytes_sent,
-                       "failed_steps": report.failed_steps}, f)
+                       "failed_steps": report.failed_steps,
+                       "failed_peers": [list(s.failed_peers) for s in report.steps]}, f)
         barrier(net, "enginetest.end", me=args.index, expected=alive, timeout=15)
     finally:
         net.shutdown()
