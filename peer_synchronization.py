@@ -506,6 +506,15 @@ class RoutedP2P:
     # run's address records. Off, a daemon starts ≈ 4× faster and makes no background DHT traffic.
     DHT_MODE_MAPPING = {"off": {}, "auto": {"dht": 1}, "server": {"dhtServer": 1}, "client": {"dhtClient": 1}}
 
+    @staticmethod
+    def _log_p2pd_message(line: str) -> None:
+        from hivemind.p2p import P2P
+
+        # hivemind logs the daemon's plain output at DEBUG: a Go crash would leave no trace in the peer's log
+        if line.startswith(("panic:", "fatal error:")):
+            logger.warning("p2pd: %s", line)
+        P2P._log_p2pd_message(line)
+
     def _make_process_args(self, binary: str, *args, **kwargs) -> List[str]:
         return super()._make_process_args(daemon_binary(), *args, **kwargs)  # type: ignore[misc]
 
