@@ -7,6 +7,8 @@ the launcher only spawns, supervises and collects the metrics that peers append 
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import gc
@@ -330,13 +332,14 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
                     cfg.num_peers, rt.num_batches, state.round_index + 1)
     out_path = os.path.join(run_dir, "peers", f"peer_{index:04d}.jsonl")
     saved = state.round_index
+    control = ControlReader(network, prefix)
     with open(out_path, "a", buffering=1) as out:
         for round_index in range(state.round_index + 1, cfg.rounds + 1):
             if not network.daemon_alive():
                 from moshpit_all_reduce import NetworkDown
 
                 raise NetworkDown(f"peer {index}: its p2pd has exited; it cannot average any more")
-            if _stop_requested(network, prefix, state, round_index):
+            if control.stop_requested(state, round_index):
                 break
             out.write(json.dumps(_run_round(cfg, state, rt, round_index)) + "\n")
             # a restarted peer (--restart-dead, or by hand with --rejoin) rejoins with this; one serialized copy
@@ -384,10 +387,10 @@ def run_server(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str
         allreduce_timeout=cfg.allreduce_timeout, num_peers=process_count(cfg),
         heartbeat_interval=heartbeat_interval_for(process_count(cfg))))
     barrier(network, f"{prefix}.start", me=index, expected=range(cfg.num_peers), timeout=cfg.startup_timeout)
-    state = ServerState(round_index=resume_round)
+    state, control = ServerState(round_index=resume_round), ControlReader(network, prefix)
     with open(os.path.join(run_dir, "peers", f"peer_{index:04d}.jsonl"), "a", buffering=1) as out:
         for round_index in range(resume_round + 1, cfg.rounds + 1):
-            if _stop_requested(network, prefix, state, round_index):
+            if control.stop_requested(state, round_index):
                 break
             started = time.time()
             participants = aggregation_participants(
@@ -431,21 +434,38 @@ def _rejoin(cfg: RunConfig, state: PeerState, rt: PeerRuntime) -> None:
     logger.info("peer %d rejoined after round %d with a live peer's model", state.index, state.round_index)
 
 
-def _stop_requested(network, prefix: str, state: PeerState, round_index: int) -> bool:
-    """One DHT read per round: the launcher publishes the last round to run when it decides to stop."""
-    from peer_synchronization import read_subkeys
+class ControlReader:
+    """Whether the launcher asked to stop: it publishes the last round to run under one DHT key. Read in the
+    background, one read per round, started at one round's check and used at the next: a read that is slow (up
+    to 20 s at 125 peers, one in ten timed out) no longer holds the peer. A stop is thus seen a round later
+    than a blocking read saw it, as a missed read always was; the launcher leaves two rounds of slack.
 
-    try:
-        record = network.run(read_subkeys(network.dht, control_key(prefix)), timeout=30)
-    except Exception as e:  # noqa: BLE001 - a missed read only delays the stop by a round
-        logger.warning("control read failed: %r", e)
-        return False
-    # every launcher that decides a stop writes its own subkey; the earliest round wins, so all peers agree
-    stops = [v for k, v in record.items() if str(k).startswith("stop_after") and type(v) is int and v >= 0]
-    if stops:
-        state.stop_after = min(stops)
-        state.preempted = record.get("preempt") is True or state.preempted
-    return state.stop_after is not None and round_index > state.stop_after
+    :param network: this peer's network (its loop runs the reads)
+    :param prefix: the run's DHT prefix
+    """
+
+    def __init__(self, network, prefix: str):
+        self.network, self.key = network, control_key(prefix)
+        self._read: Optional[concurrent.futures.Future] = None
+
+    def stop_requested(self, state: PeerState, round_index: int) -> bool:
+        from peer_synchronization import DHT_READ_TIMEOUT, read_subkeys
+
+        if self._read is not None:
+            try:  # started a round ago: normally done; else bounded by the read's own deadline
+                self._apply(state, self._read.result(timeout=DHT_READ_TIMEOUT + 5))
+            except Exception as e:  # noqa: BLE001 - a missed read only delays the stop by a round
+                logger.warning("control read failed: %r", e)
+        self._read = asyncio.run_coroutine_threadsafe(read_subkeys(self.network.dht, self.key), self.network.loop)
+        return state.stop_after is not None and round_index > state.stop_after
+
+    @staticmethod
+    def _apply(state: PeerState, record: Dict[str, Any]) -> None:
+        # every launcher that decides a stop writes its own subkey; the earliest round wins, so all peers agree
+        stops = [v for k, v in record.items() if str(k).startswith("stop_after") and type(v) is int and v >= 0]
+        if stops:
+            state.stop_after = min(stops)
+            state.preempted = record.get("preempt") is True or state.preempted
 
 
 def _kd_batches(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: int):
