@@ -1169,9 +1169,10 @@ async def async_barrier(
     Arrivals are subkeys of ``key`` (the value: the arriving node's peer id). A peer reads the whole record
     right after its own arrival and then rarely (at most every ``max_delay`` s; by default 0.1 s per expected
     peer: every read visits several nodes and returns every arrival, and 125 peers reading every 2.5 s kept two
-    cores busy for minutes). Whoever first reads a complete record pushes the list of arrivals down a tree
-    (:func:`tree_children`) with one direct store per child into ``{key}.done`` on the child's own node; a peer
-    checks that local copy, at no cost, every 0.2 s. A lost push only costs its subtree the slower reads.
+    cores busy for minutes). Whoever reads a complete record pushes the list of arrivals to the root of the
+    barrier's one tree (:func:`completion_root`, :func:`tree_children`), and every peer that learns of it pushes
+    it on to its children: one direct store per child into ``{key}.done`` on the child's own node; a peer checks
+    that local copy, at no cost, every 0.2 s. A lost push only costs its subtree the slower reads.
     """
     deadline = time.monotonic() + timeout
     # no DHT call holds the barrier: on an overloaded DHT (125 peers on 2 cores) one store or read could outlast
@@ -1204,9 +1205,9 @@ async def async_barrier(
                     pushed = {me: {**ids, me: dht.peer_id.to_bytes()}}  # our own arrival may still be on its way
                 next_read, pause = time.monotonic() + pause, min(2 * pause, max_delay)
             if pushed:
-                for root, ids in pushed.items():
-                    _pass_completion_on(dht, done_key, root, ids, me=me, ttl=ttl)
-                return frozenset(next(iter(pushed.values()))) | {me}
+                ids = next(iter(pushed.values()))
+                _pass_completion_on(dht, done_key, ids, me=me, ttl=ttl, read_it=me in pushed)
+                return frozenset(ids) | {me}
             now = time.monotonic()
             if now >= deadline:
                 if not arrival.done() or str(me) not in record:
@@ -1242,16 +1243,29 @@ def _announce(dht: Any, key: str, me: int, ttl: float) -> asyncio.Future:
     return task
 
 
-def _pass_completion_on(dht: Any, done_key: str, root: int, ids: Dict[int, bytes], *, me: int, ttl: float) -> None:
-    """Push the completion of a barrier to our children in the tree rooted at ``root``, in the background. A
-    child that does not take it (gone, or too busy to answer within one DHT call's timeout) does not cost its
+def completion_root(reachable: Sequence[int], done_key: str) -> int:
+    """The root of a barrier's completion tree: one per barrier, the same for every peer (drawn from the key,
+    so that the first pushes of successive barriers start at different peers)."""
+    digest = hashlib.sha256(done_key.encode()).digest()
+    return reachable[int.from_bytes(digest[:8], "big") % len(reachable)]
+
+
+def _pass_completion_on(dht: Any, done_key: str, ids: Dict[int, bytes], *, me: int, ttl: float,
+                        read_it: bool = False) -> None:
+    """Push the completion of a barrier to our children in its one tree (:func:`completion_root`), in the
+    background. Every peer does so when it learns of the completion, by a push or by its own read: a peer that
+    read the record complete before its parent pushed to it still serves its own subtree (with a tree rooted at
+    whoever read first, such a peer had left the barrier and its children waited for their own slow reads). A
+    peer that ``read_it`` (rather than was pushed it) also pushes to the root, which starts the tree. A child
+    that does not take the push (gone, or too busy to answer within one DHT call's timeout) does not cost its
     subtree the push: we push to its children ourselves."""
     from hivemind.p2p import PeerID
 
     value = [[i, ids[i]] for i in sorted(ids)]
     reachable = sorted(i for i, peer_id in ids.items() if peer_id)
-    if me not in reachable or root not in reachable:
+    if me not in reachable:
         return
+    root = completion_root(reachable, done_key)
 
     async def push(child: int) -> None:
         try:
@@ -1263,7 +1277,8 @@ def _pass_completion_on(dht: Any, done_key: str, root: int, ids: Dict[int, bytes
         if not stored:
             await asyncio.gather(*(push(grandchild) for grandchild in tree_children(reachable, root, child)))
 
-    task = asyncio.ensure_future(asyncio.gather(*(push(child) for child in tree_children(reachable, root, me))))
+    targets = tree_children(reachable, root, me) + ([root] if read_it and me != root else [])
+    task = asyncio.ensure_future(asyncio.gather(*(push(target) for target in targets)))
     _PUSHES.add(task)
     task.add_done_callback(_PUSHES.discard)
 

@@ -90,6 +90,51 @@ def test_the_completion_tree_reaches_every_peer_once():
             assert sorted(reached) == order
 
 
+def test_a_peer_that_read_the_completion_itself_still_pushes_to_its_subtree(monkeypatch):
+    # several peers may read a barrier complete on their own and leave at once; with one tree per barrier each of
+    # them still serves its own children, so no subtree is left to its slow reads (4 peers waited 3 minutes)
+    import asyncio
+    import random
+
+    import peer_synchronization as ps
+
+    n = 125
+    ids = {i: b"peer%d" % i for i in range(n)}
+    by_id = {v: i for i, v in ids.items()}
+    pushes = []
+
+    class FakeDHT:
+        def __init__(self, index):
+            self.index = index
+
+    async def fake_store_at(dht, peer_id, key, subkey, value, *, ttl):
+        pushes.append((dht.index, by_id[peer_id.to_bytes()], subkey))
+        return True
+
+    monkeypatch.setattr(ps, "store_at", fake_store_at)
+
+    async def spread(readers):
+        completed = set()
+        while True:
+            pushed = {child for _, child, _ in pushes}
+            learnt = (set(readers) | pushed) - completed
+            if not learnt:
+                return completed
+            for me in sorted(learnt):
+                completed.add(me)
+                ps._pass_completion_on(FakeDHT(me), "b.done", ids, me=me, ttl=60, read_it=me in readers)
+            await asyncio.sleep(0.01)
+            await asyncio.gather(*list(ps._PUSHES))
+
+    root = ps.completion_root(range(n), "b.done")
+    for readers in ([3], [root], [0, 64, 77, 124], random.Random(1).sample(range(n), 20)):
+        pushes.clear()
+        assert asyncio.run(spread(readers)) == set(range(n))
+        # each peer is pushed to once by its parent in the barrier's one tree, and the root once by every reader
+        assert len(pushes) == n - 1 + len(set(readers) - {root})
+        assert {subkey for _, _, subkey in pushes} == {str(root)}
+
+
 def test_a_pushed_completion_record_is_parsed_strictly():
     from peer_synchronization import parse_completion
 
