@@ -81,6 +81,7 @@ DHT_STORE_BEAM: Optional[int] = None
 BARRIER_POLL_PER_PEER = 0.1  # a barrier of N peers is read at most every max(0.1, 0.1 N) seconds per peer ...
 BARRIER_LOCAL_CHECK = 0.2  # ... but its pushed completion is looked for in local storage this often
 BARRIER_FANOUT = 4  # children per peer in the tree that passes a barrier's completion on
+BARRIER_PUSH_RETRIES, BARRIER_PUSH_RETRY = 3, 5.0  # a completion push that failed is tried again this often
 DHT_POLL_PER_PEER = 0.01  # see dht_poll_pause
 RENEWAL_SEARCH_EVERY = 120.0  # a record renewed again and again looks for its key's nodes again this often
 ADDRESS_RETRY = 3.0  # an address record that no node took is stored again after this (doubling each time)
@@ -1267,15 +1268,26 @@ def _pass_completion_on(dht: Any, done_key: str, ids: Dict[int, bytes], *, me: i
         return
     root = completion_root(reachable, done_key)
 
-    async def push(child: int) -> None:
+    async def stored_at(child: int) -> bool:
         try:
-            stored = await asyncio.wait_for(
+            return await asyncio.wait_for(
                 store_at(dht, PeerID(ids[child]), done_key, str(root), value, ttl=ttl), DHT_RPC_TIMEOUT)
-        except Exception as e:  # noqa: BLE001 - handled below, like a refusal
+        except Exception as e:  # noqa: BLE001 - handled by the caller, like a refusal
             logger.debug("barrier %s: pushing completion to peer %d failed: %r", done_key, child, e)
-            stored = False
-        if not stored:
-            await asyncio.gather(*(push(grandchild) for grandchild in tree_children(reachable, root, child)))
+            return False
+
+    async def push(child: int) -> None:
+        if not await stored_at(child):  # its subtree is pushed to at once, the child itself again a few times
+            await asyncio.gather(*(push(grandchild) for grandchild in tree_children(reachable, root, child)),
+                                 push_again(child))
+
+    async def push_again(child: int) -> None:
+        # a leaf that missed its one push waited for its own reads until the deadline (5 of 125 peers, 10 min)
+        for _ in range(BARRIER_PUSH_RETRIES):
+            await asyncio.sleep(BARRIER_PUSH_RETRY)
+            if await stored_at(child):
+                return
+        logger.info("barrier %s: the completion could not be pushed to peer %d", done_key, child)
 
     targets = tree_children(reachable, root, me) + ([root] if read_it and me != root else [])
     task = asyncio.ensure_future(asyncio.gather(*(push(target) for target in targets)))

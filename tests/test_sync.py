@@ -135,6 +135,37 @@ def test_a_peer_that_read_the_completion_itself_still_pushes_to_its_subtree(monk
         assert {subkey for _, _, subkey in pushes} == {str(root)}
 
 
+def test_a_completion_push_that_failed_is_tried_again(monkeypatch):
+    # a leaf has no children to fall back on: without a second try it waits for its own reads until the deadline
+    import asyncio
+
+    import peer_synchronization as ps
+
+    ids = {i: b"peer%d" % i for i in range(6)}
+    attempts = []
+
+    async def flaky_store_at(dht, peer_id, key, subkey, value, *, ttl):
+        attempts.append(peer_id.to_bytes())
+        return attempts.count(peer_id.to_bytes()) > 2  # every push fails twice, then lands
+
+    class FakeDHT:
+        pass
+
+    monkeypatch.setattr(ps, "store_at", flaky_store_at)
+    monkeypatch.setattr(ps, "BARRIER_PUSH_RETRY", 0.01)
+    root = ps.completion_root(range(6), "r.done")
+
+    async def main():
+        ps._pass_completion_on(FakeDHT(), "r.done", ids, me=root, ttl=60)
+        await asyncio.sleep(0.01)
+        while ps._PUSHES:
+            await asyncio.gather(*list(ps._PUSHES))
+
+    asyncio.run(main())
+    children = ps.tree_children(list(range(6)), root, root)
+    assert children and all(attempts.count(ids[c]) == 3 for c in children)
+
+
 def test_a_pushed_completion_record_is_parsed_strictly():
     from peer_synchronization import parse_completion
 
