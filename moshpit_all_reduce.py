@@ -649,6 +649,10 @@ class MoshpitServicer(ServicerBase):
             entry.traffic.sent += msg.ByteSize()
             yield msg
         entry.mark_served(reader)
+        # the stream closes when this handler returns, and a close right after the last chunk could cut its
+        # tail off (the reader then saw a short stream, as if complete): the reader, who knows when it has every
+        # chunk, closes it first (this wait is then cancelled)
+        await asyncio.sleep(STREAM_LINGER)
 
     async def rpc_snapshot(
         self, request: averaging_pb2.AveragingData, context: P2PContext
@@ -1227,7 +1231,7 @@ class MoshpitAverager:
         ended, up to :data:`FETCH_ATTEMPTS` times: only the missing chunks travel again."""
         parts: List[Any] = []
         for attempt in range(1, FETCH_ATTEMPTS + 1):
-            await self._stream_parts(member, group_id, parts, traffic)
+            await self._stream_parts(member, group_id, parts, traffic, tensors=len(like))
             try:
                 received = _regroup(parts, combine_from_streaming)
                 if len(received) >= len(like):
@@ -1245,16 +1249,27 @@ class MoshpitAverager:
             raise AveragingError(f"peer {member.index} sent unusable tensors: {problem}")
         return received
 
-    async def _stream_parts(self, member: _Member, group_id: bytes, parts: List[Any], traffic) -> None:
-        """Append to ``parts`` the chunks ``member`` streams under ``group_id``, from chunk ``len(parts)`` on."""
+    async def _stream_parts(self, member: _Member, group_id: bytes, parts: List[Any], traffic, *,
+                            tensors: int) -> None:
+        """Append to ``parts`` the chunks ``member`` streams under ``group_id``, from chunk ``len(parts)`` on, until
+        they hold ``tensors`` whole tensors; then close the stream ourselves (the sender waits for that: a stream
+        its sender closes right after the last chunk can lose its tail, as the all-reduce's streams could)."""
         stub = self._servicer_cls.get_stub(self.network.p2p, PeerID(member.peer_id), namespace=self.options.prefix)
         request = averaging_pb2.AveragingData(group_id=group_id, weight=len(parts))
         traffic.sent += request.ByteSize()
-        async for msg in await stub.rpc_gather(request):
-            traffic.received += msg.ByteSize()
-            if msg.code != averaging_pb2.AVERAGED_PART:
-                raise AveragingError(f"peer {member.index} refused to send its tensors: {msg.code}")
-            parts.append(msg.tensor_part)
+        whole, boundary = _whole_tensors(parts, 0, 0)
+        stream = await stub.rpc_gather(request)
+        try:
+            async for msg in stream:
+                traffic.received += msg.ByteSize()
+                if msg.code != averaging_pb2.AVERAGED_PART:
+                    raise AveragingError(f"peer {member.index} refused to send its tensors: {msg.code}")
+                parts.append(msg.tensor_part)
+                whole, boundary = _whole_tensors(parts, whole, boundary)
+                if whole >= tensors:
+                    break
+        finally:
+            await stream.aclose()
 
     async def _fetch_in_order(self, sources: Sequence[_Member], group_ids: Sequence[bytes], like, traffic,
                               consume: Callable[[int, List[torch.Tensor]], None], *, window: int = 4) -> List[int]:
@@ -1580,6 +1595,15 @@ async def _azip(tensors: Sequence[torch.Tensor], deltas) -> AsyncIterator[Tuple[
 
 class TruncatedStream(AveragingError):
     """A stream of chunks ended inside a tensor (the connection closed early: libp2p reports that as an end)."""
+
+
+def _whole_tensors(chunks, whole: int, boundary: int) -> Tuple[int, int]:
+    """How many whole tensors ``chunks`` holds, and where the next one starts, counted on from ``(whole,
+    boundary)`` (a tensor's first chunk says how many chunks it has)."""
+    while boundary < len(chunks) and boundary + max(1, chunks[boundary].chunks) <= len(chunks):
+        boundary += max(1, chunks[boundary].chunks)
+        whole += 1
+    return whole, boundary
 
 
 def _regroup(chunks, combine) -> List[Any]:
