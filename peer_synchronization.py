@@ -11,9 +11,12 @@ Three concerns live here, none of which touches tensors:
   peer at a published address before it opens a stream to it. libp2p's own peer routing cannot be relied on
   across hosts: its Kademlia tables drop addresses outside the public / private ranges it knows (e.g. the
   test ranges of RFC 5737, or any address when only a bootstrap node was dialled), so a peer that knows only
-  the bootstrap node would never reach its group-mates on another host.
-* **Barriers**: one DHT key per barrier with one subkey per arrival; whoever first reads it complete pushes the
-  news down a tree of direct stores, the others read rarely; the caller learns who arrived by the deadline.
+  the bootstrap node would never reach its group-mates on another host. The records every peer reads from every
+  peer (addresses, data-plane endpoints) are also stored straight on the initial peers, which a new peer can
+  dial before it knows anybody else.
+* **Barriers**: one DHT key per barrier with one subkey per arrival; whoever reads it complete pushes the news
+  to the root of the barrier's one tree of direct stores, every peer passes it on to its children, the others
+  read rarely; the caller learns who arrived by the deadline.
 * **DHT cost**: every poll is spaced by the number of peers, records renewed again and again are stored straight
   to their key's nodes (:class:`Renewal`), and nothing read is copied to other nodes.
 * **Sitting a round out**: a peer that does not aggregate in a round waits until the round's aggregating peers
