@@ -648,11 +648,14 @@ class MoshpitServicer(ServicerBase):
             msg = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=chunk)
             entry.traffic.sent += msg.ByteSize()
             yield msg
-        entry.mark_served(reader)
         # the stream closes when this handler returns, and a close right after the last chunk could cut its
         # tail off (the reader then saw a short stream, as if complete): the reader, who knows when it has every
-        # chunk, closes it first (this wait is then cancelled)
-        await asyncio.sleep(STREAM_LINGER)
+        # chunk, closes it first (this wait is then cancelled). Only then is it served: marked earlier, our offer
+        # could be withdrawn before a reader whose tail was cut asked for the rest (it was, in CI)
+        try:
+            await asyncio.sleep(STREAM_LINGER)
+        finally:
+            entry.mark_served(reader)
 
     async def rpc_snapshot(
         self, request: averaging_pb2.AveragingData, context: P2PContext
