@@ -84,7 +84,6 @@ from peer_synchronization import (
     publish,
     reachable_host,
     read_subkeys,
-    store_at,
 )
 
 logger = logging.getLogger("mar_fl.mar")
@@ -845,7 +844,8 @@ class MoshpitAverager:
                 pause = self.options.heartbeat_interval
                 try:
                     if self._endpoint is not None and dht_time() >= self._endpoint_renewal:
-                        if await self._store_endpoint(endpoint):
+                        if await self.network.store_shared(self._endpoint_key(), str(self.options.index),
+                                                           self._endpoint, ttl=self.options.dht_ttl, renewal=endpoint):
                             self._endpoint_renewal = dht_time() + self.options.dht_ttl / 4
                         else:  # no node took it: without it no group-mate can dial us, so try again soon
                             logger.debug("data-plane endpoint not stored; again in %.0f s", ENDPOINT_RETRY)
@@ -858,16 +858,6 @@ class MoshpitAverager:
                 await asyncio.sleep(pause)
 
         return asyncio.create_task(beat_forever())
-
-    async def _store_endpoint(self, renewal: Renewal) -> bool:
-        """Our data-plane endpoint on its key's nodes and on the initial peers (where a peer that cannot find the
-        key's nodes yet reads it); True if every copy landed."""
-        subkey, ttl = str(self.options.index), self.options.dht_ttl
-        stored = await asyncio.gather(
-            renewal.store(subkey, self._endpoint, ttl=ttl),
-            *(store_at(self.network.dht, p, self._endpoint_key(), subkey, self._endpoint, ttl=ttl)
-              for p in self.network.initial_peer_ids()), return_exceptions=True)
-        return all(ok is True for ok in stored)
 
     def begin_round(self, round_index: int) -> None:
         """Once per round: forgive last round's offenders and, if somebody is presumed gone, read who is alive
@@ -1234,17 +1224,14 @@ class MoshpitAverager:
         ended, up to :data:`FETCH_ATTEMPTS` times: only the missing chunks travel again."""
         parts: List[Any] = []
         for attempt in range(1, FETCH_ATTEMPTS + 1):
-            await self._stream_parts(member, group_id, parts, traffic, tensors=len(like))
-            try:
-                received = _regroup(parts, combine_from_streaming)
-                if len(received) >= len(like):
-                    break
-                raise TruncatedStream(f"stream ended after {len(received)} of {len(like)} tensors")
-            except TruncatedStream as e:
-                if attempt == FETCH_ATTEMPTS:
-                    raise AveragingError(f"peer {member.index}'s stream was cut {attempt} times: {e}") from e
-                logger.info("stream from peer %d cut after %d chunks (%s): resuming", member.index, len(parts), e)
-        received = [deserialize_torch_tensor(t) for t in received]
+            whole = await self._stream_parts(member, group_id, parts, traffic, tensors=len(like))
+            if whole >= len(like):
+                break
+            if attempt == FETCH_ATTEMPTS:
+                raise AveragingError(f"peer {member.index}'s stream was cut {attempt} times ({whole} of "
+                                     f"{len(like)} tensors)")
+            logger.info("stream from peer %d cut after %d chunks: resuming", member.index, len(parts))
+        received = [deserialize_torch_tensor(t) for t in _regroup(parts, combine_from_streaming)]
         problems = [check_part(got, shape=own.shape, dtype=own.dtype) for got, own in zip(received, like)]
         problem = f"{len(received)} tensors instead of {len(like)}" if len(received) != len(like) \
             else next((p for p in problems if p is not None), None)
@@ -1253,10 +1240,11 @@ class MoshpitAverager:
         return received
 
     async def _stream_parts(self, member: _Member, group_id: bytes, parts: List[Any], traffic, *,
-                            tensors: int) -> None:
+                            tensors: int) -> int:
         """Append to ``parts`` the chunks ``member`` streams under ``group_id``, from chunk ``len(parts)`` on, until
         they hold ``tensors`` whole tensors; then close the stream ourselves (the sender waits for that: a stream
-        its sender closes right after the last chunk can lose its tail, as the all-reduce's streams could)."""
+        its sender closes right after the last chunk can lose its tail, as the all-reduce's streams could).
+        Returns how many whole tensors ``parts`` holds (fewer: the stream was cut)."""
         stub = self._servicer_cls.get_stub(self.network.p2p, PeerID(member.peer_id), namespace=self.options.prefix)
         request = averaging_pb2.AveragingData(group_id=group_id, weight=len(parts))
         traffic.sent += request.ByteSize()
@@ -1273,6 +1261,7 @@ class MoshpitAverager:
                     break
         finally:
             await stream.aclose()
+        return whole
 
     async def _fetch_in_order(self, sources: Sequence[_Member], group_ids: Sequence[bytes], like, traffic,
                               consume: Callable[[int, List[torch.Tensor]], None], *, window: int = 4) -> List[int]:

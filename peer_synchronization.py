@@ -753,14 +753,17 @@ class PeerNetwork:
         ids = {PeerID.from_base58(Multiaddr(m)["p2p"]) for m in self.options.initial_peers}
         return sorted(ids - {self.p2p.peer_id}, key=lambda p: p.to_bytes()) if ids else []
 
-    async def store_shared(self, key: str, subkey: str, value: Any, *, ttl: float) -> bool:
-        """Store a record that every peer reads (addresses, data-plane endpoints) in the DHT and straight on the
-        initial peers; True if every copy landed. The direct copy is what a peer that has just joined can read:
-        a DHT search must reach nodes it can dial only once it knows their addresses (at 125 peers a third of the
-        peers stored their records on the bootstrap node and themselves only, where no reader looked)."""
+    async def store_shared(self, key: str, subkey: str, value: Any, *, ttl: float,
+                           renewal: Optional["Renewal"] = None) -> bool:
+        """Store a record that every peer reads (addresses, data-plane endpoints) in the DHT (through ``renewal``
+        when the record is renewed again and again) and straight on the initial peers; True if every copy landed.
+        The direct copy is what a peer that has just joined can read: a DHT search must reach nodes it can dial
+        only once it knows their addresses (at 125 peers a third of the peers stored their records on the
+        bootstrap node and themselves only, where no reader looked)."""
+        in_dht = renewal.store(subkey, value, ttl=ttl) if renewal is not None \
+            else publish(self.dht, key, subkey, value, ttl=ttl)
         direct = [store_at(self.dht, p, key, subkey, value, ttl=ttl) for p in self.initial_peer_ids()]
-        stored = await asyncio.gather(publish(self.dht, key, subkey, value, ttl=ttl), *direct,
-                                      return_exceptions=True)
+        stored = await asyncio.gather(in_dht, *direct, return_exceptions=True)
         return all(ok is True for ok in stored)
 
     async def read_shared(self, key: str, *, timeout: float = DHT_READ_TIMEOUT) -> Dict[str, Any]:
