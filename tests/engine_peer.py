@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import warnings
@@ -153,7 +154,10 @@ def main() -> None:
             original = getattr(averager, name)
 
             async def dying_allreduce(key, *a, **kw):
-                if f".s{args.die_in_step}." in key:
+                # the first exchange from step --die-in-step on: on a loaded machine this peer may have found no
+                # group in that very step, and then it must die in a later one rather than live to the end
+                step = re.search(r"\.s(\d+)\.", key)
+                if step and int(step.group(1)) >= args.die_in_step:
                     os.kill(os.getpid(), signal.SIGKILL)  # after matchmaking: we are in the agreed group
                 return await original(key, *a, **kw)
 
