@@ -200,7 +200,7 @@ def _flags_moshpit_all_reduce(p: argparse.ArgumentParser, d: RunConfig) -> None:
                         "network) or tcp (direct TCP between peers, authenticated by the run secret but not "
                         "encrypted: for a cluster network you trust; several times faster)")
     g.add_argument("--matchmaking-timeout", type=float, default=d.matchmaking_timeout,
-                   help="seconds a group waits for missing members")
+                   help="seconds a group waits for missing members (plus twice a peer's longest training)")
     g.add_argument("--allreduce-timeout", type=float, default=d.allreduce_timeout,
                    help="seconds of silence after which a member is dropped from an exchange")
     g.add_argument("--max-failed-steps", dest="max_failed_percent", type=float, default=d.max_failed_percent,

@@ -105,6 +105,11 @@ def round_test_indices(cfg: RunConfig, own: "np.ndarray", *, peer: int, particip
     return own if cfg.test_split == "dirichlet" else eval_slice(num_test, ordered.index(peer), len(ordered))
 
 
+# a round's groups wait this many times the longest training this peer has seen for late group-mates, on top
+# of --matchmaking-timeout: on an overloaded host the same training takes some peers 3x as long as others
+STRAGGLER_PATIENCE = 2.0
+
+
 def stale_after_seconds(cfg: RunConfig) -> float:
     """How long a round may wait for a silent peer before the launcher reports it without that peer."""
     return 2 * cfg.matchmaking_timeout + 3 * cfg.allreduce_timeout + 60
@@ -122,6 +127,7 @@ class PeerState:
     round_index: int = 0
     stop_after: Optional[int] = None
     preempted: bool = False  # the stop is a cut (time limit, Slurm's warning signal): the run will resume
+    longest_training: float = 0.0  # seconds, over this process's rounds: how late a group-mate may come
 
 
 @dataclass(frozen=True)
@@ -492,6 +498,10 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
     started = time.time()
     lr = learning_rate(cfg, round_index)
     record: Dict[str, Any] = {"round": round_index, "peer": state.index, "t_start": started, "learning_rate": lr}
+    participants = aggregation_participants(
+        seed=cfg.seed, round_index=round_index, num_peers=cfg.num_peers, update_percent=cfg.update_percent,
+        aggregate_percent=cfg.aggregate_percent, dropout_percent=cfg.dropout_percent)
+    rt.averager.prefetch_endpoints(participants, within=max(60.0, cfg.matchmaking_timeout))
     if state.index in update_participants(seed=cfg.seed, round_index=round_index, num_peers=cfg.num_peers,
                                           update_percent=cfg.update_percent):
         record["train_loss"] = train_batches(
@@ -499,12 +509,11 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
             batch_size=cfg.batch_size, lr=lr, beta=cfg.momentum, device=rt.device)
         release_freed_memory()  # activations and gradients (≈ 60 MB at batch 64) are not needed until next round
     trained = time.time()
-    participants = aggregation_participants(
-        seed=cfg.seed, round_index=round_index, num_peers=cfg.num_peers, update_percent=cfg.update_percent,
-        aggregate_percent=cfg.aggregate_percent, dropout_percent=cfg.dropout_percent)
+    state.longest_training = max(state.longest_training, trained - started)
     record["participating_peers"] = len(participants)
     aggregating = state.index in participants
     if aggregating:
+        rt.averager.wait_for_stragglers(STRAGGLER_PATIENCE * state.longest_training)
         ctx = AggregationContext(averager=rt.averager, task=rt.task, model=state.model, momentum=state.momentum,
                                  participants=sorted(participants), round_index=round_index,
                                  schedule=rt.schedule, local_batches=_kd_batches(cfg, state, rt, round_index),

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
 import hashlib
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import (
@@ -45,6 +47,7 @@ from typing import (
     Dict,
     FrozenSet,
     Hashable,
+    Iterable,
     List,
     Optional,
     Protocol,
@@ -815,6 +818,8 @@ class MoshpitAverager:
         self._round: Optional[int] = None
         self._timed_out = False
         self._deviated = False  # a group this round differed from the plan: later keys may not be planned ones
+        self._patience = 0.0  # extra seconds every step waits for its group-mates (:meth:`wait_for_stragglers`)
+        self._prefetch: Optional[concurrent.futures.Future] = None  # a background read of data-plane endpoints
         self.servicer = network.run(self._make_servicer(), timeout=60)
         self.plane: Optional[TcpPlane] = None
         self._endpoint: Optional[List[Any]] = None  # [host, port] of our data plane, renewed every dht_ttl / 4
@@ -874,6 +879,42 @@ class MoshpitAverager:
             return
         self.liveness.update({index: beat.time for index, beat in beats.items()})
 
+    def wait_for_stragglers(self, seconds: float) -> None:
+        """From now on every step's matchmaking waits ``seconds`` longer for group-mates (call it after a round's
+        training). On a loaded host the same training takes some peers 3x as long as others (125 peers on 2
+        cores: 38-123 s); a group that stopped waiting after ``--matchmaking-timeout`` left its late members
+        alone, and the groups of the round's later steps then waited for members still held up in an earlier
+        one. A peer presumed gone is still not waited for, so a dead peer costs this once."""
+        self._patience = max(0.0, seconds)
+
+    def prefetch_endpoints(self, peers: Iterable[int], *, within: float) -> None:
+        """Read the data-plane endpoints of ``peers`` not known yet, in the background, trying for up to
+        ``within`` seconds (call it before a round's training). At 125 peers, all reading the endpoint record
+        only when round 1's first groups met, the reads timed out and hundreds of dials found no endpoint."""
+        if self.plane is None or (self._prefetch is not None and not self._prefetch.done()):
+            return
+        wanted = {p for p in peers if p != self.options.index} - self._endpoints.keys()
+        if wanted:
+            self._prefetch = asyncio.run_coroutine_threadsafe(self._read_endpoints(wanted, within), self.network.loop)
+
+    async def _read_endpoints(self, wanted: Set[int], within: float) -> None:
+        deadline = time.monotonic() + within
+        await asyncio.sleep(random.Random().uniform(0, min(ENDPOINT_RETRY, within)))  # spread the peers' reads
+        while True:
+            try:
+                self._learn_endpoints(await self.network.read_shared(self._endpoint_key()))
+            except Exception as e:  # noqa: BLE001 - a group-mate's endpoint is read again when it is dialled
+                logger.debug("endpoint prefetch: %r", e)
+            if wanted <= self._endpoints.keys() or time.monotonic() + ENDPOINT_RETRY >= deadline:
+                return
+            await asyncio.sleep(ENDPOINT_RETRY)
+
+    def _learn_endpoints(self, record: Dict[str, Any]) -> None:
+        for subkey, value in record.items():
+            index, endpoint = parse_index(subkey, self.options.num_peers), parse_endpoint(value)
+            if index is not None and endpoint is not None:
+                self._endpoints[index] = endpoint
+
     def read_heartbeats(self) -> Dict[int, "Heartbeat"]:
         """The unexpired liveness records: who runs, at which round, under which peer id."""
         record = self.network.run(read_subkeys(self.network.dht, self._alive_key()), timeout=30)
@@ -910,12 +951,8 @@ class MoshpitAverager:
         missing = {p for p in peers if not plane.connected(p)}
         while missing:
             if not missing <= self._endpoints.keys():  # endpoints do not move: read again only for new peers
-                record = await self.network.read_shared(self._endpoint_key(),
-                                                        timeout=max(0.1, deadline - time.monotonic()))
-                for subkey, value in record.items():
-                    index, endpoint = parse_index(subkey, self.options.num_peers), parse_endpoint(value)
-                    if index is not None and endpoint is not None:
-                        self._endpoints[index] = endpoint
+                self._learn_endpoints(await self.network.read_shared(self._endpoint_key(),
+                                                                     timeout=max(0.1, deadline - time.monotonic())))
             dialled = [p for p in missing if p in self._endpoints]
             outcomes = await asyncio.gather(*(plane.connect(p, *self._endpoints[p]) for p in dialled),
                                             return_exceptions=True)
@@ -1352,23 +1389,27 @@ class MoshpitAverager:
         return failed
 
     async def _step(self, *, key: str, expected: FrozenSet[int], exchange: "Exchange",
-                    required: FrozenSet[int] = frozenset(), direct: bool = False) -> Tuple[StepReport, Any]:
+                    required: FrozenSet[int] = frozenset(), direct: bool = False,
+                    patience: float = 0.0) -> Tuple[StepReport, Any]:
         """Form the group ``key`` (matchmaking), then run ``exchange(key, members, traffic)`` within it.
 
         ``exchange`` returns ``(lost members, why the step failed or "", payload)``. ``required``: members without
         whom there is nothing to exchange (FedAvg's server). ``direct``: the exchange runs on the data plane, so
         a complete planned group may meet there (:meth:`_join_directly`) instead of through the DHT.
+        ``patience``: seconds the matchmaking waits for group-mates on top of ``--matchmaking-timeout``.
         """
-        started = time.monotonic()
+        started, wait = time.monotonic(), self.options.matchmaking_timeout
         traffic = _Traffic()
         members: Optional[List[_Member]] = None
+        deadline = started + patience + wait
         if expected == frozenset({self.options.index}):
             members = [_Member(self.options.index, b"")]
-        elif direct:
-            members = await self._join_directly(key, expected, started + self.options.matchmaking_timeout / 2, traffic)
+        elif direct:  # the patience goes to the planned group on the data plane, where waiting costs nothing
+            members = await self._join_directly(key, expected, started + patience + wait / 2, traffic)
+            deadline = max(started + wait, time.monotonic() + wait / 2)  # polling the DHT does cost
         met_directly = members is not None
         if members is None:
-            members = await self._form_group(key, expected, started + self.options.matchmaking_timeout)
+            members = await self._form_group(key, expected, deadline)
             self._deviated |= {m.index for m in members} != expected
         if len(members) > 1 and not direct:  # group-mates met for the first time may have published their addresses
             await self.network.await_addresses(m.peer_id for m in members)
@@ -1545,15 +1586,17 @@ class MoshpitAverager:
         me = self.options.index
         rank = sorted(expected | {me}).index(me)  # keeps this peer on its scheduled path through the groups
         aborted = (StepReport(members=(me,), rank=rank), {})
+        patience = self._patience
         return self._guarded(key, self._step(key=key, expected=expected, exchange=exchange, required=required,
-                                             direct=direct), aborted)
+                                             direct=direct, patience=patience), aborted, patience=patience)
 
-    def _guarded(self, key: str, coro, aborted: Tuple[StepReport, Any]) -> Tuple[StepReport, Any]:
+    def _guarded(self, key: str, coro, aborted: Tuple[StepReport, Any], *,
+                 patience: float = 0.0) -> Tuple[StepReport, Any]:
         if not self.network.daemon_alive():
             coro.close()
             raise NetworkDown("this peer's p2pd has exited")
         try:
-            return self.network.run(coro, timeout=self._step_timeout())
+            return self.network.run(coro, timeout=self._step_timeout() + patience)
         except (AveragingError, TimeoutError, OSError, RuntimeError, ValueError) as e:
             if not self.network.daemon_alive():
                 raise NetworkDown("this peer's p2pd has exited") from e

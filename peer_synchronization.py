@@ -1169,7 +1169,7 @@ def parse_completion(value: Any, wanted: FrozenSet[int], limit: int) -> Optional
 
 async def async_barrier(
     dht: Any, key: str, *, me: int, expected: Collection[int], timeout: float, ttl: float = 600.0,
-    max_delay: Optional[float] = None,
+    max_delay: Optional[float] = None, initial: Sequence[Any] = (),
 ) -> FrozenSet[int]:
     """Announce ``me`` under ``key`` and wait until all ``expected`` indices arrived or ``timeout`` passes.
 
@@ -1179,7 +1179,10 @@ async def async_barrier(
     cores busy for minutes). Whoever reads a complete record pushes the list of arrivals to the root of the
     barrier's one tree (:func:`completion_root`, :func:`tree_children`), and every peer that learns of it pushes
     it on to its children: one direct store per child into ``{key}.done`` on the child's own node; a peer checks
-    that local copy, at no cost, every 0.2 s. A lost push only costs its subtree the slower reads.
+    that local copy, at no cost, every 0.2 s. A lost push only costs its subtree the slower reads. Whoever read
+    the record complete also stores the completion on the ``initial`` peers (their peer ids), and every read
+    also asks them: a peer whose pushes were all lost and whose own reads never showed every arrival (at 125
+    peers, 4-5 of them waited out the 10-minute start deadline) learns it there within one read.
     """
     deadline = time.monotonic() + timeout
     # no DHT call holds the barrier: on an overloaded DHT (125 peers on 2 cores) one store or read could outlast
@@ -1194,26 +1197,31 @@ async def async_barrier(
     done_key, next_read, pause = f"{key}.done", time.monotonic(), min(0.2, max_delay)
     record: Dict[str, Any] = {}
     reading: Optional[asyncio.Future] = None  # a read runs beside the local checks: a push ends the wait at once
+
+    def completions(copy: Mapping[str, Any]) -> Dict[int, Dict[int, bytes]]:
+        return {root: ids for root, ids in ((_barrier_index(s, limit), parse_completion(v, wanted, limit))
+                                            for s, v in copy.items()) if root is not None and ids is not None}
+
     try:
         while True:
-            pushed = {root: ids for root, ids in ((_barrier_index(s, limit), parse_completion(v, wanted, limit))
-                                                  for s, v in read_local(dht, done_key).items())
-                      if root is not None and ids is not None}
+            pushed, read_it = completions(read_local(dht, done_key)), False
             if not pushed and reading is None and time.monotonic() >= next_read:
-                reading = asyncio.ensure_future(poll_read(dht, key))
+                reading = asyncio.ensure_future(_read_barrier(dht, key, done_key, initial))
             if not pushed and reading is not None and reading.done():
-                record = reading.result()
+                record, shared = reading.result()
                 reading = None
+                pushed = completions(shared)
                 if str(me) not in record and arrival.done():
                     arrival = _announce(dht, key, me, ttl)
                 arrived = frozenset(i for i in (_barrier_index(s, limit) for s in record) if i is not None) | {me}
-                if wanted <= arrived:
+                if not pushed and wanted <= arrived:
                     ids = {i: _peer_id_value(record.get(str(i))) or b"" for i in wanted}
-                    pushed = {me: {**ids, me: dht.peer_id.to_bytes()}}  # our own arrival may still be on its way
+                    pushed, read_it = {me: {**ids, me: dht.peer_id.to_bytes()}}, True  # our arrival may be in flight
                 next_read, pause = time.monotonic() + pause, min(2 * pause, max_delay)
             if pushed:
                 ids = next(iter(pushed.values()))
-                _pass_completion_on(dht, done_key, ids, me=me, ttl=ttl, read_it=me in pushed)
+                _pass_completion_on(dht, done_key, ids, me=me, ttl=ttl, read_it=read_it,
+                                    initial=initial if read_it else ())
                 return frozenset(ids) | {me}
             now = time.monotonic()
             if now >= deadline:
@@ -1231,6 +1239,22 @@ async def async_barrier(
 
 
 _PUSHES: Set[asyncio.Future] = set()  # arrivals and completion pushes in flight (kept referenced until they end)
+
+
+async def _read_barrier(dht: Any, key: str, done_key: str, initial: Sequence[Any]) -> Tuple[Dict[str, Any],
+                                                                                          Dict[str, Any]]:
+    """A barrier's arrivals as a DHT read finds them, and the completions the ``initial`` peers hold (merged;
+    a copy that could not be read is left out)."""
+    copies = await asyncio.gather(
+        poll_read(dht, key), *(asyncio.wait_for(read_at(dht, p, done_key), DHT_RPC_TIMEOUT) for p in initial),
+        return_exceptions=True)
+    shared: Dict[str, Any] = {}
+    for copy in copies[1:]:
+        if isinstance(copy, BaseException):
+            logger.debug("barrier %s: an initial peer's copy unread: %r", key, copy)
+        else:
+            shared.update(copy)
+    return ({} if isinstance(copies[0], BaseException) else copies[0]), shared
 
 
 def _announce(dht: Any, key: str, me: int, ttl: float) -> asyncio.Future:
@@ -1258,14 +1282,15 @@ def completion_root(reachable: Sequence[int], done_key: str) -> int:
 
 
 def _pass_completion_on(dht: Any, done_key: str, ids: Dict[int, bytes], *, me: int, ttl: float,
-                        read_it: bool = False) -> None:
+                        read_it: bool = False, initial: Sequence[Any] = ()) -> None:
     """Push the completion of a barrier to our children in its one tree (:func:`completion_root`), in the
     background. Every peer does so when it learns of the completion, by a push or by its own read: a peer that
     read the record complete before its parent pushed to it still serves its own subtree (with a tree rooted at
     whoever read first, such a peer had left the barrier and its children waited for their own slow reads). A
     peer that ``read_it`` (rather than was pushed it) also pushes to the root, which starts the tree. A child
     that does not take the push (gone, or too busy to answer within one DHT call's timeout) does not cost its
-    subtree the push: we push to its children ourselves."""
+    subtree the push: we push to its children ourselves. The completion is also stored on the ``initial``
+    peers (their peer ids), where every waiting peer's reads look."""
     from hivemind.p2p import PeerID
 
     value = [[i, ids[i]] for i in sorted(ids)]
@@ -1295,8 +1320,15 @@ def _pass_completion_on(dht: Any, done_key: str, ids: Dict[int, bytes], *, me: i
                 return
         logger.info("barrier %s: the completion could not be pushed to peer %d", done_key, child)
 
+    async def store_initial(peer_id: Any) -> None:
+        try:
+            await asyncio.wait_for(store_at(dht, peer_id, done_key, str(root), value, ttl=ttl), DHT_RPC_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - the tree's pushes and the peers' own reads remain
+            logger.debug("barrier %s: storing the completion on an initial peer failed: %r", done_key, e)
+
     targets = tree_children(reachable, root, me) + ([root] if read_it and me != root else [])
-    task = asyncio.ensure_future(asyncio.gather(*(push(target) for target in targets)))
+    task = asyncio.ensure_future(asyncio.gather(*(push(target) for target in targets),
+                                                *(store_initial(p) for p in initial)))
     _PUSHES.add(task)
     task.add_done_callback(_PUSHES.discard)
 
@@ -1313,7 +1345,8 @@ def barrier(
     max_delay: Optional[float] = None,
 ) -> FrozenSet[int]:
     """Synchronous wrapper of :func:`async_barrier`; returns the indices that arrived before the deadline."""
-    coro = async_barrier(network.dht, key, me=me, expected=list(expected), timeout=timeout, max_delay=max_delay)
+    coro = async_barrier(network.dht, key, me=me, expected=list(expected), timeout=timeout, max_delay=max_delay,
+                         initial=network.initial_peer_ids())
     return network.run(coro, timeout=timeout + 30)
 
 

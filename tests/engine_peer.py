@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import sys
+import time
 import warnings
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -130,6 +131,8 @@ def main() -> None:
     p.add_argument("--allreduce-timeout", type=float, default=3.0)
     p.add_argument("--evil", default=None, choices=sorted(EVIL_MODES), help="misbehave as a group-mate")
     p.add_argument("--transport", default="libp2p", choices=["libp2p", "tcp"])
+    p.add_argument("--late", type=float, default=0.0, help="seconds to sleep after the start barrier (a straggler)")
+    p.add_argument("--patience", type=float, default=0.0, help="wait_for_stragglers(PATIENCE) before averaging")
     args = p.parse_args()
     os.setpgrp()  # the test can then reap our p2pd even if we are SIGKILLed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -165,6 +168,8 @@ def main() -> None:
         alive = [int(i) for i in args.alive.split(",")]
         barrier(net, "enginetest.start", me=args.index, expected=alive, timeout=180)
         tensors = initial_tensors(args.index)
+        time.sleep(args.late)
+        averager.wait_for_stragglers(args.patience)
         if args.evil == "diverged":  # an honest runner whose own model has gone non-finite
             tensors = [torch.full_like(t, float("nan")) for t in tensors]
         report = moshpit_all_reduce(averager, tensors, participants=range(args.np), round_index=0,

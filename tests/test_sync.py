@@ -77,6 +77,41 @@ def test_a_barriers_completion_is_pushed_to_peers_that_cannot_see_it(networks, m
     assert results == {0: {0, 1, 2}, 1: {0, 1, 2}, 2: {0, 1, 2}}
 
 
+def test_a_barriers_completion_reaches_peers_through_the_initial_peers(networks, monkeypatch):
+    # as before, peers 0 and 1 never see anybody else in their own reads, and now every push to a peer is lost
+    # too: only the completion that peer 2 stored on the initial peer (the bootstrap node) ends their wait
+    import time
+
+    import peer_synchronization as ps
+
+    real_read, real_store_at, last = ps.read_subkeys, ps.store_at, networks[2].dht
+    initial = {p.to_bytes() for p in networks[0].initial_peer_ids()}
+    assert len(initial) == 1
+
+    async def blind_read(dht, key, **kwargs):
+        return await real_read(dht, key, **kwargs) if dht is last else {}
+
+    async def lossy_store_at(dht, peer_id, key, subkey, value, *, ttl):
+        return peer_id.to_bytes() in initial and await real_store_at(dht, peer_id, key, subkey, value, ttl=ttl)
+
+    monkeypatch.setattr(ps, "read_subkeys", blind_read)
+    monkeypatch.setattr(ps, "store_at", lossy_store_at)
+    monkeypatch.setattr(ps, "BARRIER_PUSH_RETRIES", 0)
+    results = {}
+
+    def go(i):
+        results[i] = barrier(networks[i], "run.shared", me=i, expected=range(3), timeout=20)
+
+    early = [threading.Thread(target=go, args=(i,)) for i in (0, 1)]
+    for t in early:
+        t.start()
+    time.sleep(1.0)
+    go(2)
+    for t in early:
+        t.join()
+    assert results == {0: {0, 1, 2}, 1: {0, 1, 2}, 2: {0, 1, 2}}
+
+
 def test_the_completion_tree_reaches_every_peer_once():
     from peer_synchronization import tree_children
 

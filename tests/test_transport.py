@@ -161,9 +161,9 @@ def bootstrap(no_new_p2pd):
     net.shutdown()
 
 
-def run_peers(tmp_path, maddrs, *, live, die=None, evil=None, num_peers=N, gs=GS, ni=NI):
+def run_peers(tmp_path, maddrs, *, live, die=None, evil=None, num_peers=N, gs=GS, ni=NI, more=lambda i: []):
     def extra(i):
-        flags = ["--transport", "tcp", "--matchmaking-timeout", "20", "--allreduce-timeout", "5"]
+        flags = ["--transport", "tcp", "--matchmaking-timeout", "20", "--allreduce-timeout", "5", *more(i)]
         if die and die[0] == i:
             flags += ["--die-in-step", str(die[1])]
         if evil and evil[0] == i:
@@ -188,6 +188,22 @@ def test_tcp_peers_reach_the_exact_mean_and_count_every_byte(tmp_path, bootstrap
         shard = payload // 4 // gs * 4
         framed = ni * (2 * (gs - 1) * frame_bytes(shard) + (gs - 1) * frame_bytes(32))
         assert abs(report["sent"] - framed) <= ni * 2 * (gs - 1) * 4, (report["sent"], framed)
+
+
+def test_a_straggler_is_waited_for_when_stragglers_are_expected(tmp_path, bootstrap):
+    # peer 3 comes 15 s late, far past the 3-s matchmaking deadline; the others were told to expect stragglers
+    # (as a peer is after a long training) and still meet it in their first group, and then everyone in theirs
+    def more(i):
+        return ["--matchmaking-timeout", "3", "--patience", "30"] + (["--late", "15"] if i == 3 else [])
+
+    codes = run_peers(tmp_path, bootstrap, live=[0, 1, 2, 3], num_peers=4, gs=2, ni=2, more=more)
+    assert codes == {i: 0 for i in range(4)}
+    target = mean_of(range(4))
+    for i in range(4):
+        tensors, report = load_result(tmp_path, i)
+        assert [len(m) for m in report["members"]] == [2, 2] and report["failed_steps"] == 0, report
+        for got, want in zip(tensors, target):
+            assert (got - want).abs().max().item() < 1e-5
 
 
 def test_tcp_absent_peer_falls_back_to_the_dht_and_does_not_block(tmp_path, bootstrap):
