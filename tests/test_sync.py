@@ -42,6 +42,25 @@ def run_barriers(nets, key_for, expected, timeout):
     return results
 
 
+def peer_2_arrives_last(networks, key, *, timeout):
+    """Peers 0 and 1 wait at barrier ``key``; peer 2 arrives a second later. Returns who each saw arrive."""
+    import time
+
+    results = {}
+
+    def go(i):
+        results[i] = barrier(networks[i], key, me=i, expected=range(3), timeout=timeout)
+
+    early = [threading.Thread(target=go, args=(i,)) for i in (0, 1)]
+    for t in early:
+        t.start()
+    time.sleep(1.0)
+    go(2)
+    for t in early:
+        t.join()
+    return results
+
+
 def test_barrier_returns_who_arrived_and_respects_the_deadline(networks):
     # peers 0-2 arrive; peer 3 is expected but never comes: the barrier ends at its deadline with {0, 1, 2}
     results = run_barriers(networks, lambda i: "run.barrier", expected=range(4), timeout=3)
@@ -52,7 +71,6 @@ def test_a_barriers_completion_is_pushed_to_peers_that_cannot_see_it(networks, m
     # peers 0 and 1 wait; their own reads of the record never show anybody else (as on a DHT too busy to
     # answer), so only the completion pushed by peer 2 - the last to arrive, whose read is complete - ends their
     # wait before the deadline
-    import time
 
     import peer_synchronization as ps
 
@@ -66,25 +84,12 @@ def test_a_barriers_completion_is_pushed_to_peers_that_cannot_see_it(networks, m
 
     monkeypatch.setattr(ps, "read_subkeys", blind_read)
     monkeypatch.setattr(ps, "read_at", blind_read_at)
-    results = {}
-
-    def go(i):
-        results[i] = barrier(networks[i], "run.pushed", me=i, expected=range(3), timeout=60)
-
-    early = [threading.Thread(target=go, args=(i,)) for i in (0, 1)]
-    for t in early:
-        t.start()
-    time.sleep(1.0)
-    go(2)
-    for t in early:
-        t.join()
-    assert results == {0: {0, 1, 2}, 1: {0, 1, 2}, 2: {0, 1, 2}}
+    assert peer_2_arrives_last(networks, "run.pushed", timeout=60) == {0: {0, 1, 2}, 1: {0, 1, 2}, 2: {0, 1, 2}}
 
 
 def test_a_barriers_completion_reaches_peers_through_the_initial_peers(networks, monkeypatch):
     # as before, peers 0 and 1 never see anybody else in their own reads, and now every push to a peer is lost
     # too: only the completion that peer 2 stored on the initial peer (the bootstrap node) ends their wait
-    import time
 
     import peer_synchronization as ps
 
@@ -105,19 +110,7 @@ def test_a_barriers_completion_reaches_peers_through_the_initial_peers(networks,
     monkeypatch.setattr(ps, "read_at", blind_read_at)
     monkeypatch.setattr(ps, "store_at", lossy_store_at)
     monkeypatch.setattr(ps, "BARRIER_PUSH_RETRIES", 0)
-    results = {}
-
-    def go(i):
-        results[i] = barrier(networks[i], "run.shared", me=i, expected=range(3), timeout=20)
-
-    early = [threading.Thread(target=go, args=(i,)) for i in (0, 1)]
-    for t in early:
-        t.start()
-    time.sleep(1.0)
-    go(2)
-    for t in early:
-        t.join()
-    assert results == {0: {0, 1, 2}, 1: {0, 1, 2}, 2: {0, 1, 2}}
+    assert peer_2_arrives_last(networks, "run.shared", timeout=20) == {0: {0, 1, 2}, 1: {0, 1, 2}, 2: {0, 1, 2}}
 
 
 def test_arrivals_are_read_from_the_initial_peers_when_dht_reads_miss_them(networks, monkeypatch):
