@@ -1389,16 +1389,15 @@ class MoshpitAverager:
         return failed
 
     async def _step(self, *, key: str, expected: FrozenSet[int], exchange: "Exchange",
-                    required: FrozenSet[int] = frozenset(), direct: bool = False,
-                    patience: float = 0.0) -> Tuple[StepReport, Any]:
+                    required: FrozenSet[int] = frozenset(), direct: bool = False) -> Tuple[StepReport, Any]:
         """Form the group ``key`` (matchmaking), then run ``exchange(key, members, traffic)`` within it.
 
         ``exchange`` returns ``(lost members, why the step failed or "", payload)``. ``required``: members without
         whom there is nothing to exchange (FedAvg's server). ``direct``: the exchange runs on the data plane, so
         a complete planned group may meet there (:meth:`_join_directly`) instead of through the DHT.
-        ``patience``: seconds the matchmaking waits for group-mates on top of ``--matchmaking-timeout``.
+        The matchmaking waits :meth:`wait_for_stragglers`'s seconds on top of ``--matchmaking-timeout``.
         """
-        started, wait = time.monotonic(), self.options.matchmaking_timeout
+        started, wait, patience = time.monotonic(), self.options.matchmaking_timeout, self._patience
         traffic = _Traffic()
         members: Optional[List[_Member]] = None
         deadline = started + patience + wait
@@ -1586,17 +1585,15 @@ class MoshpitAverager:
         me = self.options.index
         rank = sorted(expected | {me}).index(me)  # keeps this peer on its scheduled path through the groups
         aborted = (StepReport(members=(me,), rank=rank), {})
-        patience = self._patience
         return self._guarded(key, self._step(key=key, expected=expected, exchange=exchange, required=required,
-                                             direct=direct, patience=patience), aborted, patience=patience)
+                                             direct=direct), aborted)
 
-    def _guarded(self, key: str, coro, aborted: Tuple[StepReport, Any], *,
-                 patience: float = 0.0) -> Tuple[StepReport, Any]:
+    def _guarded(self, key: str, coro, aborted: Tuple[StepReport, Any]) -> Tuple[StepReport, Any]:
         if not self.network.daemon_alive():
             coro.close()
             raise NetworkDown("this peer's p2pd has exited")
         try:
-            return self.network.run(coro, timeout=self._step_timeout() + patience)
+            return self.network.run(coro, timeout=self._step_timeout())
         except (AveragingError, TimeoutError, OSError, RuntimeError, ValueError) as e:
             if not self.network.daemon_alive():
                 raise NetworkDown("this peer's p2pd has exited") from e
@@ -1607,7 +1604,7 @@ class MoshpitAverager:
 
     def _step_timeout(self) -> float:
         opts = self.options
-        return 1.25 * opts.matchmaking_timeout + 3 * opts.allreduce_timeout + 30
+        return 1.25 * opts.matchmaking_timeout + 3 * opts.allreduce_timeout + 30 + self._patience
 
     def close(self) -> None:
         self.network.loop.call_soon_threadsafe(self._heartbeat.cancel)
