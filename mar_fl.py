@@ -67,6 +67,32 @@ def configure_peer_environment() -> None:
     # ≈ 1.5 of 2 cores between rounds; bench/RESULTS.md)
 
 
+def start_forkserver(cfg: RunConfig):
+    """Start the forkserver that this host's peers are forked from, if it does not run yet, and return its
+    multiprocessing context. It imports torch and hivemind (≈ 4 s) in the background: started as soon as the flags
+    are checked, that overlaps the launcher's own data loading and network start. Peers share its pages
+    copy-on-write. :func:`stop_forkserver` ends it when the run is refused after all."""
+    from multiprocessing import forkserver
+
+    ctx = mp.get_context("forkserver")
+    configure_peer_environment()
+    ctx.set_forkserver_preload(_PRELOAD + (["dp_accounting"] if cfg.dp else []))
+    forkserver.ensure_running()
+    return ctx
+
+
+def stop_forkserver() -> None:
+    """End this process's forkserver, if it started one (a run refused after the flags were checked): at once,
+    rather than after it has finished importing torch."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver  # the standard library's own stop waits for the preload to finish
+    if getattr(server, "_forkserver_pid", None):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server._forkserver_pid, signal.SIGTERM)
+    server._stop()
+
+
 def release_freed_memory() -> None:
     """Hand freed heap pages back to the OS after a round (all-reduce buffers are large and short-lived)."""
     try:
@@ -1237,10 +1263,7 @@ class Launcher:
         return initial or maddrs
 
     def _spawn_peers(self, initial_peers: List[str]) -> None:
-        self._ctx = mp.get_context("forkserver")
-        configure_peer_environment()
-        # children share the imported torch/hivemind pages copy-on-write
-        self._ctx.set_forkserver_preload(_PRELOAD + (["dp_accounting"] if self.cfg.dp else []))
+        self._ctx = start_forkserver(self.cfg)  # normally already running since _pre_start
         self._initial_peers = initial_peers
         # closed once all are forked (no semaphore: nothing for the resource tracker); later restarts get None
         self._go, go_writer = self._ctx.Pipe(duplex=False)
@@ -1652,6 +1675,8 @@ def _pre_start(argv: Optional[Sequence[str]]):
     cfg = parse_config(argv)
     _check_device(cfg)
     check_paths(cfg)
+    if len(cfg.local_peers()):
+        start_forkserver(cfg)  # imports torch in the background; stopped again if anything below refuses the run
     prepared = get_task(cfg.task).prepare(cfg, cfg.run_dir)  # before peers spawn: they only load its result
     primary = cfg.primary()
     run_dir = prepare_run_dir(cfg, primary=primary)
@@ -1728,6 +1753,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     try:
         cfg, run_dir, prepared, primary, resume_round, wandb_run = _pre_start(argv)
     except (ConfigError, DataError) as e:
+        stop_forkserver()
         print(f"mar_fl.py: error: {' '.join(str(e).splitlines())}", file=sys.stderr)  # always one line
         return EXIT_USAGE
     launcher = Launcher(cfg, run_dir, primary=primary, prepared=prepared, resume_round=resume_round,

@@ -84,6 +84,7 @@ DHT_STORE_BEAM: Optional[int] = None
 BARRIER_POLL_PER_PEER = 0.1  # a barrier of N peers is read at most every max(0.1, 0.1 N) seconds per peer ...
 BARRIER_LOCAL_CHECK = 0.2  # ... but its pushed completion is looked for in local storage this often
 BARRIER_FANOUT = 4  # children per peer in the tree that passes a barrier's completion on
+BARRIER_OVERRUN = 30.0  # a barrier call that outlasts its deadline by this much returns anyway (see barrier)
 BARRIER_PUSH_RETRIES, BARRIER_PUSH_RETRY = 3, 5.0  # a completion push that failed is tried again this often
 DHT_POLL_PER_PEER = 0.01  # see dht_poll_pause
 RENEWAL_SEARCH_EVERY = 120.0  # a record renewed again and again looks for its key's nodes again this often
@@ -1184,7 +1185,9 @@ async def async_barrier(
     also asks them: a peer whose pushes were all lost and whose own reads never showed every arrival (at 125
     peers, 4-5 of them waited out the 10-minute start deadline) learns it there within one read. Arrivals are
     stored on the initial peers too, and read there (one RPC for the whole record): at 125 peers on two cores
-    the DHT's copies took 7-10 minutes to show every arrival to anybody.
+    the DHT's copies took 7-10 minutes to show every arrival to anybody. Those copies are read every 0.01 s per
+    expected peer (0.2 … 2 s), apart from the DHT read: waiting for a DHT search that was under way when the
+    completion landed on the initial peers kept some of 64 peers 10 s longer in the start barrier.
     """
     deadline = time.monotonic() + timeout
     # no DHT call holds the barrier: on an overloaded DHT (125 peers on 2 cores) one store or read could outlast
@@ -1194,72 +1197,91 @@ async def async_barrier(
     wanted = frozenset(expected)
     if max_delay is None:
         max_delay = max(0.1, len(wanted) * BARRIER_POLL_PER_PEER)
+    # the initial peers' copies cost one RPC each and are read often; the whole DHT record rarely (see above)
+    quick = min(max_delay, dht_poll_pause(len(wanted), least=BARRIER_LOCAL_CHECK))
     limit = max(wanted | {me}) + 1  # subkeys outside the expected range are nobody we wait for
-    arrived: FrozenSet[int] = frozenset({me})
-    done_key, next_read, pause = f"{key}.done", time.monotonic(), min(0.2, max_delay)
-    record: Dict[str, Any] = {}
-    reading: Optional[asyncio.Future] = None  # a read runs beside the local checks: a push ends the wait at once
+    done_key, pause = f"{key}.done", min(0.2, max_delay)
+    record: Dict[str, Any] = {}  # every arrival any read showed (an arrival stays for ttl: none is taken back)
+    # two reads run beside the local checks, each at its own pace: a push ends the wait at once
+    reads: Dict[str, Optional[asyncio.Future]] = {"initial": None, "dht": None}
+    next_read = {"initial": time.monotonic() if initial else math.inf, "dht": time.monotonic()}
 
     def completions(copy: Mapping[str, Any]) -> Dict[int, Dict[int, bytes]]:
         return {root: ids for root, ids in ((_barrier_index(s, limit), parse_completion(v, wanted, limit))
                                             for s, v in copy.items()) if root is not None and ids is not None}
 
+    def arrivals() -> FrozenSet[int]:
+        return frozenset(i for i in (_barrier_index(s, limit) for s in record) if i is not None) | {me}
+
     try:
         while True:
             pushed, read_it = completions(read_local(dht, done_key)), False
-            if not pushed and reading is None and time.monotonic() >= next_read:
-                reading = asyncio.ensure_future(_read_barrier(dht, key, done_key, initial))
-            if not pushed and reading is not None and reading.done():
-                record, shared = reading.result()
-                reading = None
-                pushed = completions(shared)
-                if str(me) not in record and arrival.done():
-                    arrival = _announce(dht, key, me, ttl, initial)
-                arrived = frozenset(i for i in (_barrier_index(s, limit) for s in record) if i is not None) | {me}
-                if not pushed and wanted <= arrived:
-                    ids = {i: _peer_id_value(record.get(str(i))) or b"" for i in wanted}
-                    pushed, read_it = {me: {**ids, me: dht.peer_id.to_bytes()}}, True  # our arrival may be in flight
-                next_read, pause = time.monotonic() + pause, min(2 * pause, max_delay)
+            now = time.monotonic()
+            for source, future in reads.items():
+                if not pushed and future is None and now >= next_read[source]:
+                    reads[source] = asyncio.ensure_future(
+                        _read_initial_copies(dht, key, done_key, initial) if source == "initial"
+                        else _read_dht_copy(dht, key))
+                elif not pushed and future is not None and future.done():
+                    reads[source] = None
+                    shown, shared = future.result()
+                    record.update(shown)
+                    pushed = completions(shared)
+                    if source == "dht":
+                        if str(me) not in record and arrival.done():
+                            arrival = _announce(dht, key, me, ttl, initial)
+                        next_read["dht"], pause = now + pause, min(2 * pause, max_delay)
+                    else:
+                        next_read["initial"] = now + quick
+            if not pushed and wanted <= arrivals():
+                ids = {i: _peer_id_value(record.get(str(i))) or b"" for i in wanted}
+                pushed, read_it = {me: {**ids, me: dht.peer_id.to_bytes()}}, True  # our arrival may be in flight
             if pushed:
                 ids = next(iter(pushed.values()))
                 _pass_completion_on(dht, done_key, ids, me=me, ttl=ttl, read_it=read_it,
                                     initial=initial if read_it else ())
                 return frozenset(ids) | {me}
-            now = time.monotonic()
             if now >= deadline:
                 if not arrival.done() or str(me) not in record:
                     logger.warning("barrier %s: our arrival may not have been stored before the deadline", key)
-                return arrived
-            wake = min(BARRIER_LOCAL_CHECK, deadline - now)
-            if reading is None:
-                await asyncio.sleep(min(wake, max(0.0, next_read - now)))
+                return arrivals()
+            pending = [f for f in reads.values() if f is not None]
+            wake = min(BARRIER_LOCAL_CHECK, deadline - now, *(t - now for s, t in next_read.items() if not reads[s]))
+            if pending:
+                await asyncio.wait(pending, timeout=max(0.0, wake))
             else:
-                await asyncio.wait([reading], timeout=wake)
+                await asyncio.sleep(max(0.0, wake))
     finally:
-        if reading is not None:
-            reading.cancel()
+        for future in reads.values():
+            if future is not None:
+                future.cancel()
 
 
 _PUSHES: Set[asyncio.Future] = set()  # arrivals and completion pushes in flight (kept referenced until they end)
 
 
-async def _read_barrier(dht: Any, key: str, done_key: str, initial: Sequence[Any]) -> Tuple[Dict[str, Any],
-                                                                                          Dict[str, Any]]:
-    """A barrier's arrivals as a DHT read and the ``initial`` peers' copies show them, and the completions the
-    initial peers hold (each merged; a copy that could not be read is left out)."""
-    def at_initial(k: str) -> List[Awaitable[Dict[str, Any]]]:
-        return [asyncio.wait_for(read_at(dht, p, k), DHT_RPC_TIMEOUT) for p in initial]
-
-    copies = await asyncio.gather(poll_read(dht, key), *at_initial(key), *at_initial(done_key),
-                                  return_exceptions=True)
-    arrivals: Dict[str, Any] = {}
-    shared: Dict[str, Any] = {}
-    for n, copy in enumerate(copies):
+def _merged(key: str, copies: Sequence[Any]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for copy in copies:
         if isinstance(copy, BaseException):
             logger.debug("barrier %s: a copy unread: %r", key, copy)
         else:
-            (arrivals if n <= len(initial) else shared).update(copy)
-    return arrivals, shared
+            out.update(copy)
+    return out
+
+
+async def _read_initial_copies(dht: Any, key: str, done_key: str, initial: Sequence[Any],
+                               ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """A barrier's arrivals and completions as the ``initial`` peers hold them (one RPC each; each kind merged, a
+    copy that could not be read left out)."""
+    copies = await asyncio.gather(*(asyncio.wait_for(read_at(dht, p, k), DHT_RPC_TIMEOUT)
+                                    for k in (key, done_key) for p in initial), return_exceptions=True)
+    return _merged(key, copies[:len(initial)]), _merged(done_key, copies[len(initial):])
+
+
+async def _read_dht_copy(dht: Any, key: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """A barrier's arrivals as a DHT read shows them (a search: seconds on a busy DHT); no completions."""
+    return _merged(key, await asyncio.gather(poll_read(dht, key), return_exceptions=True)), {}
 
 
 def _announce(dht: Any, key: str, me: int, ttl: float, initial: Sequence[Any] = ()) -> asyncio.Future:
@@ -1355,10 +1377,19 @@ def barrier(
     network: PeerNetwork, key: str, *, me: int, expected: Iterable[int], timeout: float,
     max_delay: Optional[float] = None,
 ) -> FrozenSet[int]:
-    """Synchronous wrapper of :func:`async_barrier`; returns the indices that arrived before the deadline."""
+    """Synchronous wrapper of :func:`async_barrier`; returns the indices that arrived before the deadline. A wait
+    that overruns its deadline by :data:`BARRIER_OVERRUN` s (the network loop was held up: seen once at 125 peers,
+    where it killed the peer) ends like one that reached it, knowing only ``me``."""
+    from concurrent.futures import TimeoutError as Overrun
+
     coro = async_barrier(network.dht, key, me=me, expected=list(expected), timeout=timeout, max_delay=max_delay,
                          initial=network.initial_peer_ids())
-    return network.run(coro, timeout=timeout + 30)
+    try:
+        return network.run(coro, timeout=timeout + BARRIER_OVERRUN)
+    except Overrun:
+        logger.warning("barrier %s: the wait overran its %.0f-s deadline by %.0f s; going on without knowing who "
+                       "arrived", key, timeout, BARRIER_OVERRUN)
+        return frozenset({me})
 
 
 # ==================== sitting a round out ====================

@@ -13,13 +13,17 @@ waiting for the slowest); ``period_seconds``: how much later round r ended than 
 without the drift of early peers waiting in a round for late ones); ``slowest_train_seconds``: the slowest peer's
 training (from ``peers/*.jsonl``); ``start_seconds``: launch until the last peer began round 1 (its ``t_start``:
 spawning, data loading, ``p2pd`` and DHT start-up, the start barrier; ``first_start_seconds`` for the first peer);
-``peak_pss_mb``: the largest total seen, with the per-peer split at that moment.
+``peak_pss_mb``: the largest total seen, with the per-peer split at that moment; ``start_stages``: seconds after
+launch at which the first, median and last peer logged each start-up stage (network up, model and data ready,
+through the start barrier), from ``logs/peer_*.log``.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -97,6 +101,25 @@ def round_one_starts(run_dir: str) -> list:
     return sorted(starts)
 
 
+START_STAGES = {"network": "network up in", "ready": "model, data and averager ready", "barrier": "peers up,"}
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def start_stages(run_dir: str, launched: float) -> dict:
+    """Stage -> [first, median, last] seconds after ``launched`` at which the peers logged it (see START_STAGES)."""
+    seen: dict = {stage: [] for stage in START_STAGES}
+    logs = os.path.join(run_dir, "logs")
+    for name in sorted(os.listdir(logs)) if os.path.isdir(logs) else []:
+        with open(os.path.join(logs, name), errors="replace") as f:
+            for line in f:
+                stamp = _LOG_TIME.match(line)
+                stage = next((s for s, text in START_STAGES.items() if text in line), None) if stamp else None
+                if stage:
+                    when = datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    seen[stage].append(when - launched)
+    return {stage: [min(t), statistics.median(t), max(t)] for stage, t in seen.items() if t}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run dir (must not exist)")
@@ -110,7 +133,8 @@ def main() -> None:
         cmd += ["--data-dir", os.environ["MARFL_DATA_DIR"]]
     metrics = os.path.join(args.out, "metrics.jsonl")
     launched = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    with open(args.out.rstrip("/") + ".launcher.log", "w") as console:  # beside the run dir, which must not exist
+        proc = subprocess.Popen(cmd, stdout=console, stderr=subprocess.STDOUT)
     peak = {}
     while proc.poll() is None:
         sample = memory_by_kind(proc.pid)
@@ -134,13 +158,15 @@ def main() -> None:
         "median_round_seconds": statistics.median(r["round_seconds"] for r in rows) if rows else None,
         "median_train_seconds": statistics.median(r["train_seconds"] for r in rows) if rows else None,
         "median_aggregation_seconds": statistics.median(r["aggregation_seconds"] for r in rows) if rows else None,
-        "peak_pss_mb": peak, "pss_mb_per_peer": per_peer,
+        "peak_pss_mb": peak, "pss_mb_per_peer": per_peer, "start_stages": start_stages(args.out, launched),
     }
     if args.json:
         print(json.dumps(out))
         return
     print(f"{out['command']}: exit {out['exit_code']}, start {out['start_seconds']:.1f} s (first peer "
           f"{out['first_start_seconds']:.1f} s)")
+    for stage, (first, median, last) in out["start_stages"].items():
+        print(f"  {stage:8s} first {first:5.1f} s, median {median:5.1f} s, last {last:5.1f} s after launch")
     for r in out["rounds"]:
         pace = f", {r['period_seconds']:.1f} s after the previous one" if r["period_seconds"] else ""
         print(f"  round {r['round']}: {r['round_seconds']:.1f} s = train {r['train_seconds']:.1f} (slowest "

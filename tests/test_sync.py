@@ -130,6 +130,43 @@ def test_arrivals_are_read_from_the_initial_peers_when_dht_reads_miss_them(netwo
     assert results == {0: {0, 1, 2}, 1: {0, 1, 2}, 2: {0, 1, 2}}
 
 
+def test_the_initial_peers_copies_complete_a_barrier_while_every_dht_read_hangs(networks, monkeypatch):
+    # every DHT search hangs (a busy DHT: one was seen to take minutes); the initial peer's copies are read on
+    # their own and complete the barrier long before a search would time out
+    import asyncio
+
+    import peer_synchronization as ps
+
+    async def hanging_read(dht, key, **kwargs):
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(ps, "read_subkeys", hanging_read)
+    results = run_barriers(networks, lambda i: "run.quick", expected=range(3), timeout=15)
+    assert results == {0: {0, 1, 2}, 1: {0, 1, 2}, 2: {0, 1, 2}}
+
+
+def test_a_barrier_call_that_overruns_its_deadline_returns_instead_of_killing_the_peer(monkeypatch, caplog):
+    # the network loop held up past the barrier's deadline (seen once at 125 peers): the call ends like a
+    # deadline, knowing only the caller, and says so
+    import asyncio
+
+    import peer_synchronization as ps
+
+    async def stuck(*args, **kwargs):
+        await asyncio.sleep(3600)
+
+    net = PeerNetwork(NetworkOptions())
+    net._thread.start()
+    monkeypatch.setattr(ps, "async_barrier", stuck)
+    monkeypatch.setattr(ps, "BARRIER_OVERRUN", 0.2)
+    monkeypatch.setattr(PeerNetwork, "initial_peer_ids", lambda self: [])
+    try:
+        assert barrier(net, "run.stuck", me=3, expected=range(4), timeout=0.3) == {3}
+    finally:
+        net.loop.call_soon_threadsafe(net.loop.stop)
+    assert "overran" in caplog.text
+
+
 def test_the_completion_tree_reaches_every_peer_once():
     from peer_synchronization import tree_children
 
