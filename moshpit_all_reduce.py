@@ -818,7 +818,7 @@ class MoshpitAverager:
         self._round: Optional[int] = None
         self._timed_out = False
         self._deviated = False  # a group this round differed from the plan: later keys may not be planned ones
-        self._patience = 0.0  # extra seconds every step waits for its group-mates (:meth:`wait_for_stragglers`)
+        self._patience_until = -math.inf  # until when steps wait longer for group-mates (:meth:`wait_for_stragglers`)
         self._prefetch: Optional[concurrent.futures.Future] = None  # a background read of data-plane endpoints
         self.servicer = network.run(self._make_servicer(), timeout=60)
         self.plane: Optional[TcpPlane] = None
@@ -880,12 +880,19 @@ class MoshpitAverager:
         self.liveness.update({index: beat.time for index, beat in beats.items()})
 
     def wait_for_stragglers(self, seconds: float) -> None:
-        """From now on every step's matchmaking waits ``seconds`` longer for group-mates (call it after a round's
-        training). On a loaded host the same training takes some peers 3x as long as others (125 peers on 2
-        cores: 38-123 s); a group that stopped waiting after ``--matchmaking-timeout`` left its late members
-        alone, and the groups of the round's later steps then waited for members still held up in an earlier
-        one. A peer presumed gone is still not waited for, so a dead peer costs this once."""
-        self._patience = max(0.0, seconds)
+        """For the next ``seconds`` the steps' matchmaking waits for group-mates beyond ``--matchmaking-timeout``
+        (call it after a round's training). On a loaded host the same training takes some peers 3x as long as
+        others (125 peers on 2 cores: 38-123 s); a group that stopped waiting after ``--matchmaking-timeout`` left
+        its late members alone, and the groups of the round's later steps then waited for members still held up
+        in an earlier one. The seconds are one budget for all the round's steps, not a wait per step: a
+        straggler that trained last is late by the same amount in every step, and with a wait per step a group
+        held up in step 1 held its members' groups up again in steps 2 and 3 (125 peers: a third of them took
+        3.5x the round). A peer presumed gone is still not waited for, so a dead peer costs this once."""
+        self._patience_until = time.monotonic() + max(0.0, seconds)
+
+    def _patience(self) -> float:
+        """Seconds left of the budget set by :meth:`wait_for_stragglers`."""
+        return max(0.0, self._patience_until - time.monotonic())
 
     def prefetch_endpoints(self, peers: Iterable[int], *, within: float) -> None:
         """Read the data-plane endpoints of ``peers`` not known yet, in the background, trying for up to
@@ -1395,9 +1402,10 @@ class MoshpitAverager:
         ``exchange`` returns ``(lost members, why the step failed or "", payload)``. ``required``: members without
         whom there is nothing to exchange (FedAvg's server). ``direct``: the exchange runs on the data plane, so
         a complete planned group may meet there (:meth:`_join_directly`) instead of through the DHT.
-        The matchmaking waits :meth:`wait_for_stragglers`'s seconds on top of ``--matchmaking-timeout``.
+        The matchmaking waits what is left of :meth:`wait_for_stragglers`'s seconds on top of
+        ``--matchmaking-timeout``.
         """
-        started, wait, patience = time.monotonic(), self.options.matchmaking_timeout, self._patience
+        started, wait, patience = time.monotonic(), self.options.matchmaking_timeout, self._patience()
         traffic = _Traffic()
         members: Optional[List[_Member]] = None
         deadline = started + patience + wait
@@ -1604,7 +1612,7 @@ class MoshpitAverager:
 
     def _step_timeout(self) -> float:
         opts = self.options
-        return 1.25 * opts.matchmaking_timeout + 3 * opts.allreduce_timeout + 30 + self._patience
+        return 1.25 * opts.matchmaking_timeout + 3 * opts.allreduce_timeout + 30 + self._patience()
 
     def close(self) -> None:
         self.network.loop.call_soon_threadsafe(self._heartbeat.cancel)

@@ -206,6 +206,25 @@ def test_a_straggler_is_waited_for_when_stragglers_are_expected(tmp_path, bootst
             assert (got - want).abs().max().item() < 1e-5
 
 
+def test_the_straggler_patience_is_one_budget_for_all_of_a_rounds_steps(monkeypatch):
+    # a group held up in step 1 must not hold its members' groups up by the whole patience again in steps 2, 3:
+    # what a step may still wait is what is left of the budget set after training
+    import moshpit_all_reduce as mar
+
+    now = [1000.0]
+    monkeypatch.setattr(mar, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
+    averager = object.__new__(mar.MoshpitAverager)  # no network needed for the budget
+    averager._patience_until = -float("inf")
+    assert averager._patience() == 0.0
+    averager.wait_for_stragglers(60.0)
+    now[0] += 45.0  # step 1 waited 45 s for a straggler
+    assert averager._patience() == 15.0
+    now[0] += 30.0
+    assert averager._patience() == 0.0  # steps 2 and 3 only get --matchmaking-timeout
+    averager.wait_for_stragglers(60.0)  # the next round's budget
+    assert averager._patience() == 60.0
+
+
 def test_tcp_absent_peer_falls_back_to_the_dht_and_does_not_block(tmp_path, bootstrap):
     survivors = list(range(N - 1))  # peer 7 is a participant but never shows up
     codes = run_peers(tmp_path, bootstrap, live=survivors)
