@@ -67,7 +67,7 @@ def configure_peer_environment() -> None:
     # ≈ 1.5 of 2 cores between rounds; bench/RESULTS.md)
 
 
-def start_forkserver(cfg: RunConfig):
+def start_forkserver(cfg: RunConfig) -> "mp.context.BaseContext":
     """Start the forkserver that this host's peers are forked from, if it does not run yet, and return its
     multiprocessing context. It imports torch and hivemind (≈ 4 s) in the background: started as soon as the flags
     are checked, that overlaps the launcher's own data loading and network start. Peers share its pages
