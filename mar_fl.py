@@ -280,7 +280,8 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
                                  run_secret=run_secret)
         started = time.monotonic()
         network = PeerNetwork(options).start()
-        logger.info("peer %d: network up in %.1f s", index, time.monotonic() - started)
+        logger.info("peer %d: network up in %.1f s (%s)", index, time.monotonic() - started,
+                    ", ".join(f"{name} {seconds:.1f}" for name, seconds in network.start_stages.items()))
         if is_server(cfg, index):
             run_server(cfg, index=index, run_dir=run_dir, network=network, prefix=prefix, prepared=prepared,
                        resume_round=resume_round)

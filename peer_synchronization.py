@@ -86,9 +86,14 @@ BARRIER_LOCAL_CHECK = 0.2  # ... but its pushed completion is looked for in loca
 BARRIER_FANOUT = 4  # children per peer in the tree that passes a barrier's completion on
 BARRIER_OVERRUN = 30.0  # a barrier call that outlasts its deadline by this much returns anyway (see barrier)
 BARRIER_PUSH_RETRIES, BARRIER_PUSH_RETRY = 3, 5.0  # a completion push that failed is tried again this often
+# A peer leaves a barrier once its pushes landed (or after this long): peers that went straight on to train took
+# both cores while the rest were still learning of the completion (at 64 peers the last left the start barrier
+# 8 s after the first).
+BARRIER_PASS_ON = 2.0
 DHT_POLL_PER_PEER = 0.01  # see dht_poll_pause
 RENEWAL_SEARCH_EVERY = 120.0  # a record renewed again and again looks for its key's nodes again this often
 ADDRESS_RETRY = 3.0  # an address record that no node took is stored again after this (doubling each time)
+ADDRESS_START_PATIENCE = 3.0  # a peer's start waits this long at most for its address record to be stored
 ADDRESS_REFRESH_MIN_INTERVAL = 1.0  # re-read the address records at most this often when a peer is unknown
 # a group-mate not yet in the address book (its record may still be on its way) is looked up again with
 # backoff for this long before the exchange goes ahead without a dial
@@ -721,6 +726,7 @@ class PeerNetwork:
         self._refreshing: Optional[asyncio.Future] = None
         self._refresh_pause = ADDRESS_REFRESH_MIN_INTERVAL
         self._publisher: Optional[asyncio.Task] = None
+        self.start_stages: Dict[str, float] = {}  # seconds each step of the start took (daemon, dht, ...)
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -744,6 +750,13 @@ class PeerNetwork:
         port = opts.port or (_free_port(opts.host) if opts.announce_host else 0)
         announce = [f"/{'ip6' if ':' in opts.announce_host else 'ip4'}/{opts.announce_host}/tcp/{port}"] \
             if opts.announce_host else None
+        stage = time.monotonic()
+
+        def done(name: str) -> None:
+            nonlocal stage
+            now = time.monotonic()
+            self.start_stages[name], stage = now - stage, now
+
         self.p2p = await _start_daemon(
             type("MarFlP2P", (RoutedP2P, P2P), {}), time.monotonic() + opts.startup_timeout,
             initial_peers=list(opts.initial_peers),
@@ -755,6 +768,7 @@ class PeerNetwork:
             dht_mode="off",
             tls=os.environ.get("MARFL_TLS", "1") == "1",
         )
+        done("daemon")
         self.dht = await DHTNode.create(
             p2p=self.p2p,
             initial_peers=list(opts.initial_peers),
@@ -767,9 +781,16 @@ class PeerNetwork:
             ensure_bootstrap_success=False,  # checked below, with retries instead of one 3-second chance
             record_validator=RunSecretValidator(opts.run_secret) if opts.run_secret else None,
         )
+        done("dht")
         self.p2p.lookup = self._lookup_address
         await self._ensure_bootstrapped(time.monotonic() + opts.startup_timeout)
-        self._publisher = asyncio.create_task(self._publish_address_forever(await self._publish_address()))
+        done("bootstrap")
+        # the start waits for the first copies of our address record a short while only: a node slow to take its
+        # DHT copy held a peer for a whole RPC timeout (10 s of a 64-peer start); the record keeps being stored
+        first = asyncio.ensure_future(self._publish_address())
+        await asyncio.wait({first}, timeout=ADDRESS_START_PATIENCE)
+        self._publisher = asyncio.create_task(self._publish_address_after(first))
+        done("address")
 
     # ---------- address records ----------
 
@@ -822,6 +843,9 @@ class PeerNetwork:
         except Exception as e:  # noqa: BLE001 - retried soon; peers may still reach us via the bootstrap
             logger.debug("address record not published: %r", e)
             return False
+
+    async def _publish_address_after(self, first: Awaitable[bool]) -> None:
+        await self._publish_address_forever(await first)
 
     async def _publish_address_forever(self, stored: bool = True) -> None:
         """Keep our address record fresh for as long as we run (it expires if we die). A record that no node
@@ -1272,8 +1296,10 @@ async def async_barrier(
                 pushed, read_it = {me: {**ids, me: dht.peer_id.to_bytes()}}, True  # our arrival may be in flight
             if pushed:
                 ids = next(iter(pushed.values()))
-                _pass_completion_on(dht, done_key, ids, me=me, ttl=ttl, read_it=read_it,
-                                    initial=initial if read_it else ())
+                passing = _pass_completion_on(dht, done_key, ids, me=me, ttl=ttl, read_it=read_it,
+                                              initial=initial if read_it else ())
+                if passing is not None:  # hand it on before this peer goes to work (see BARRIER_PASS_ON)
+                    await asyncio.wait({passing}, timeout=max(0.0, min(BARRIER_PASS_ON, deadline - now)))
                 return frozenset(ids) | {me}
             if now >= deadline:
                 if not arrival.done() or str(me) not in record:
@@ -1349,7 +1375,7 @@ def completion_root(reachable: Sequence[int], done_key: str) -> int:
 
 
 def _pass_completion_on(dht: Any, done_key: str, ids: Dict[int, bytes], *, me: int, ttl: float,
-                        read_it: bool = False, initial: Sequence[Any] = ()) -> None:
+                        read_it: bool = False, initial: Sequence[Any] = ()) -> Optional[asyncio.Future]:
     """Push the completion of a barrier to our children in its one tree (:func:`completion_root`), in the
     background. Every peer does so when it learns of the completion, by a push or by its own read: a peer that
     read the record complete before its parent pushed to it still serves its own subtree (with a tree rooted at
@@ -1357,13 +1383,14 @@ def _pass_completion_on(dht: Any, done_key: str, ids: Dict[int, bytes], *, me: i
     peer that ``read_it`` (rather than was pushed it) also pushes to the root, which starts the tree. A child
     that does not take the push (gone, or too busy to answer within one DHT call's timeout) does not cost its
     subtree the push: we push to its children ourselves. The completion is also stored on the ``initial``
-    peers (their peer ids), where every waiting peer's reads look."""
+    peers (their peer ids), where every waiting peer's reads look. Returns the pushes (None: nothing to push),
+    which go on in the background whether or not anybody waits for them."""
     from hivemind.p2p import PeerID
 
     value = [[i, ids[i]] for i in sorted(ids)]
     reachable = sorted(i for i, peer_id in ids.items() if peer_id)
     if me not in reachable:
-        return
+        return None
     root = completion_root(reachable, done_key)
 
     async def stored_at(child: int) -> bool:
@@ -1398,6 +1425,7 @@ def _pass_completion_on(dht: Any, done_key: str, ids: Dict[int, bytes], *, me: i
                                                 *(store_initial(p) for p in initial)))
     _PUSHES.add(task)
     task.add_done_callback(_PUSHES.discard)
+    return task
 
 
 def _barrier_index(subkey: Any, limit: int) -> Optional[int]:

@@ -167,6 +167,40 @@ def test_a_barrier_call_that_overruns_its_deadline_returns_instead_of_killing_th
     assert "overran" in caplog.text
 
 
+def test_a_peer_leaves_a_barrier_once_its_completion_pushes_landed(networks, monkeypatch):
+    # a peer that left at once went to work (training, both cores) while the peers it was to tell still waited:
+    # at 64 peers the last one left the start barrier 8 s after the first
+    import asyncio
+    import time
+
+    import peer_synchronization as ps
+
+    real_store_at, pushed = ps.store_at, []
+    index_of = {id(net.dht): i for i, net in enumerate(networks)}
+
+    async def slow_store_at(dht, peer_id, key, subkey, value, *, ttl):
+        await asyncio.sleep(0.5)
+        stored = await real_store_at(dht, peer_id, key, subkey, value, ttl=ttl)
+        if key.endswith(".done"):
+            pushed.append((index_of[id(dht)], time.monotonic()))
+        return stored
+
+    monkeypatch.setattr(ps, "store_at", slow_store_at)
+    left = {}
+
+    def go(i):
+        barrier(networks[i], "run.handed", me=i, expected=range(3), timeout=30)
+        left[i] = time.monotonic()
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(left) == 3 and pushed  # the completion was pushed (to the tree and the initial peer)
+    assert all(at <= left[i] for i, at in pushed), (pushed, left)
+
+
 def test_the_completion_tree_reaches_every_peer_once():
     from peer_synchronization import tree_children
 
@@ -509,6 +543,28 @@ def test_an_address_record_that_did_not_land_is_stored_again_soon(monkeypatch):
 
     asyncio.run(main())
     assert len(calls) == 3
+
+
+def test_a_start_does_not_wait_for_an_address_store_that_hangs(no_new_p2pd, monkeypatch):
+    # one node slow to take the DHT copy of a peer's address record held that peer's start for a whole RPC
+    # timeout; the start goes on after a short wait and the record keeps being stored in the background
+    import asyncio
+
+    import peer_synchronization as ps
+
+    calls = []
+
+    async def hangs(self):
+        calls.append(True)
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(ps, "ADDRESS_START_PATIENCE", 0.2)
+    monkeypatch.setattr(PeerNetwork, "_publish_address", hangs)
+    net = PeerNetwork(NetworkOptions(startup_timeout=20)).start()  # a 3600-s store would outlast this deadline
+    try:
+        assert calls == [True] and not net._publisher.done()  # the first store still goes on
+    finally:
+        net.shutdown()
 
 
 def test_addresses_travel_through_the_initial_peers_when_dht_searches_cannot(no_new_p2pd, monkeypatch):
