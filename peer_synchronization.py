@@ -786,9 +786,12 @@ class PeerNetwork:
         await self._ensure_bootstrapped(time.monotonic() + opts.startup_timeout)
         done("bootstrap")
         # the start waits for the first copies of our address record a short while only: a node slow to take its
-        # DHT copy held a peer for a whole RPC timeout (10 s of a 64-peer start); the record keeps being stored
+        # DHT copy held a peer for a whole RPC timeout (10 s of a 64-peer start). The copies on the initial peers,
+        # where every peer reads first, must have landed though (else nobody can dial us); the rest goes on
         first = asyncio.ensure_future(self._publish_address())
         await asyncio.wait({first}, timeout=ADDRESS_START_PATIENCE)
+        if not first.done():
+            await self._store_address_on_initial_peers()
         self._publisher = asyncio.create_task(self._publish_address_after(first))
         done("address")
 
@@ -843,6 +846,14 @@ class PeerNetwork:
         except Exception as e:  # noqa: BLE001 - retried soon; peers may still reach us via the bootstrap
             logger.debug("address record not published: %r", e)
             return False
+
+    async def _store_address_on_initial_peers(self) -> None:
+        subkey, value = self.p2p.peer_id.to_base58(), await self.advertised()
+        stored = await asyncio.gather(*(
+            asyncio.wait_for(store_at(self.dht, p, self.address_key(), subkey, value, ttl=self.options.address_ttl),
+                             DHT_RPC_TIMEOUT) for p in self.initial_peer_ids()), return_exceptions=True)
+        if stored and not any(ok is True for ok in stored):
+            logger.warning("our address record is on no initial peer yet: peers may not reach us for a while")
 
     async def _publish_address_after(self, first: Awaitable[bool]) -> None:
         await self._publish_address_forever(await first)

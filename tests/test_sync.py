@@ -558,13 +558,19 @@ def test_a_start_does_not_wait_for_an_address_store_that_hangs(no_new_p2pd, monk
         calls.append(True)
         await asyncio.sleep(3600)
 
+    boot = PeerNetwork(NetworkOptions()).start()
     monkeypatch.setattr(ps, "ADDRESS_START_PATIENCE", 0.2)
     monkeypatch.setattr(PeerNetwork, "_publish_address", hangs)
-    net = PeerNetwork(NetworkOptions(startup_timeout=20)).start()  # a 3600-s store would outlast this deadline
+    # a 3600-s store would outlast this deadline
+    net = PeerNetwork(NetworkOptions(initial_peers=boot.visible_maddrs(), startup_timeout=20)).start()
     try:
         assert calls == [True] and not net._publisher.done()  # the first store still goes on
+        # but the copy that every peer reads first, on the initial peer, landed before the start returned
+        held = net.run(ps.read_at(net.dht, boot.p2p.peer_id, net.address_key()), timeout=10)
+        assert net.p2p.peer_id.to_base58() in held
     finally:
         net.shutdown()
+        boot.shutdown()
 
 
 def test_addresses_travel_through_the_initial_peers_when_dht_searches_cannot(no_new_p2pd, monkeypatch):
