@@ -83,6 +83,10 @@ DHT_READ_BEAM: Optional[int] = None
 DHT_STORE_BEAM: Optional[int] = None
 BARRIER_POLL_PER_PEER = 0.1  # a barrier of N peers is read at most every max(0.1, 0.1 N) seconds per peer ...
 BARRIER_LOCAL_CHECK = 0.2  # ... but its pushed completion is looked for in local storage this often
+# The initial peers' copy of the arrivals (one subkey per peer, each checked by the reader) is read every 0.05 s per
+# expected peer: read as often as their copy of the completion, the 125 peers' reads kept both cores busy for
+# 90 s after the last peer had arrived.
+BARRIER_ARRIVALS_READ_PER_PEER = 0.05
 BARRIER_FANOUT = 4  # children per peer in the tree that passes a barrier's completion on
 BARRIER_OVERRUN = 30.0  # a barrier call that outlasts its deadline by this much returns anyway (see barrier)
 BARRIER_PUSH_RETRIES, BARRIER_PUSH_RETRY = 3, 5.0  # a completion push that failed is tried again this often
@@ -1254,9 +1258,10 @@ async def async_barrier(
     also asks them: a peer whose pushes were all lost and whose own reads never showed every arrival (at 125
     peers, 4-5 of them waited out the 10-minute start deadline) learns it there within one read. Arrivals are
     stored on the initial peers too, and read there (one RPC for the whole record): at 125 peers on two cores
-    the DHT's copies took 7-10 minutes to show every arrival to anybody. Those copies are read every 0.01 s per
-    expected peer (0.2 … 2 s), apart from the DHT read: waiting for a DHT search that was under way when the
-    completion landed on the initial peers kept some of 64 peers 10 s longer in the start barrier.
+    the DHT's copies took 7-10 minutes to show every arrival to anybody. Their copy of the completion is read
+    every 0.01 s per expected peer (0.2 … 2 s), their copy of the arrivals every 0.05 s per expected peer, each
+    apart from the DHT read: waiting for a DHT search that was under way when the completion landed on the
+    initial peers kept some of 64 peers 10 s longer in the start barrier.
     """
     deadline = time.monotonic() + timeout
     # no DHT call holds the barrier: on an overloaded DHT (125 peers on 2 cores) one store or read could outlast
@@ -1266,14 +1271,17 @@ async def async_barrier(
     wanted = frozenset(expected)
     if max_delay is None:
         max_delay = max(0.1, len(wanted) * BARRIER_POLL_PER_PEER)
-    # the initial peers' copies cost one RPC each and are read often; the whole DHT record rarely (see above)
+    # the initial peers' copies cost one RPC each: the completion (small, empty until it lands) is read there
+    # often, the arrivals (one subkey per peer, each checked) less often, the whole DHT record rarely (see above)
     quick = min(max_delay, dht_poll_pause(len(wanted), least=BARRIER_LOCAL_CHECK))
+    every = {"done": quick, "arrivals": max(quick, len(wanted) * BARRIER_ARRIVALS_READ_PER_PEER)}
     limit = max(wanted | {me}) + 1  # subkeys outside the expected range are nobody we wait for
     done_key, pause = f"{key}.done", min(0.2, max_delay)
     record: Dict[str, Any] = {}  # every arrival any read showed (an arrival stays for ttl: none is taken back)
     # two reads run beside the local checks, each at its own pace: a push ends the wait at once
-    reads: Dict[str, Optional[asyncio.Future]] = {"initial": None, "dht": None}
-    next_read = {"initial": time.monotonic() if initial else math.inf, "dht": time.monotonic()}
+    reads: Dict[str, Optional[asyncio.Future]] = {"done": None, "arrivals": None, "dht": None}
+    start = time.monotonic() if initial else math.inf
+    next_read = {"done": start, "arrivals": start, "dht": time.monotonic()}
 
     def completions(copy: Mapping[str, Any]) -> Dict[int, Dict[int, bytes]]:
         return {root: ids for root, ids in ((_barrier_index(s, limit), parse_completion(v, wanted, limit))
@@ -1289,19 +1297,20 @@ async def async_barrier(
             for source, future in reads.items():
                 if not pushed and future is None and now >= next_read[source]:
                     reads[source] = asyncio.ensure_future(
-                        _read_initial_copies(dht, key, done_key, initial) if source == "initial"
-                        else _read_dht_copy(dht, key))
+                        _read_dht_copy(dht, key) if source == "dht"
+                        else _read_initial_copies(dht, done_key if source == "done" else key, initial))
                 elif not pushed and future is not None and future.done():
                     reads[source] = None
-                    shown, shared = future.result()
-                    record.update(shown)
-                    pushed = completions(shared)
+                    if source == "done":
+                        pushed = completions(future.result())
+                    else:
+                        record.update(future.result())
                     if source == "dht":
                         if str(me) not in record and arrival.done():
                             arrival = _announce(dht, key, me, ttl, initial)
                         next_read["dht"], pause = now + pause, min(2 * pause, max_delay)
                     else:
-                        next_read["initial"] = now + quick
+                        next_read[source] = now + every[source]
             if not pushed and wanted <= arrivals():
                 ids = {i: _peer_id_value(record.get(str(i))) or b"" for i in wanted}
                 pushed, read_it = {me: {**ids, me: dht.peer_id.to_bytes()}}, True  # our arrival may be in flight
@@ -1341,18 +1350,16 @@ def _merged(key: str, copies: Sequence[Any]) -> Dict[str, Any]:
     return out
 
 
-async def _read_initial_copies(dht: Any, key: str, done_key: str, initial: Sequence[Any],
-                               ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """A barrier's arrivals and completions as the ``initial`` peers hold them (one RPC each; each kind merged, a
-    copy that could not be read left out)."""
-    copies = await asyncio.gather(*(asyncio.wait_for(read_at(dht, p, k), DHT_RPC_TIMEOUT)
-                                    for k in (key, done_key) for p in initial), return_exceptions=True)
-    return _merged(key, copies[:len(initial)]), _merged(done_key, copies[len(initial):])
+async def _read_initial_copies(dht: Any, key: str, initial: Sequence[Any]) -> Dict[str, Any]:
+    """``key`` as the ``initial`` peers hold it (one RPC each, merged; a copy that could not be read left out)."""
+    copies = await asyncio.gather(*(asyncio.wait_for(read_at(dht, p, key), DHT_RPC_TIMEOUT) for p in initial),
+                                  return_exceptions=True)
+    return _merged(key, copies)
 
 
-async def _read_dht_copy(dht: Any, key: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """A barrier's arrivals as a DHT read shows them (a search: seconds on a busy DHT); no completions."""
-    return _merged(key, await asyncio.gather(poll_read(dht, key), return_exceptions=True)), {}
+async def _read_dht_copy(dht: Any, key: str) -> Dict[str, Any]:
+    """A barrier's arrivals as a DHT read shows them (a search: seconds on a busy DHT)."""
+    return _merged(key, await asyncio.gather(poll_read(dht, key), return_exceptions=True))
 
 
 def _announce(dht: Any, key: str, me: int, ttl: float, initial: Sequence[Any] = ()) -> asyncio.Future:

@@ -145,6 +145,26 @@ def test_the_initial_peers_copies_complete_a_barrier_while_every_dht_read_hangs(
     assert results == {0: {0, 1, 2}, 1: {0, 1, 2}, 2: {0, 1, 2}}
 
 
+def test_the_initial_peers_copy_of_the_arrivals_is_read_less_often_than_their_copy_of_the_completion(
+        networks, monkeypatch):
+    # the arrivals copy holds one checked subkey per peer: read as often as the (small) completion, the reads of
+    # 125 waiting peers kept both cores busy for 90 s after the last one had arrived
+    import peer_synchronization as ps
+
+    real_read_at, reads = ps.read_at, []
+
+    async def counting_read_at(dht, peer_id, key):
+        reads.append(key)
+        return await real_read_at(dht, peer_id, key)
+
+    monkeypatch.setattr(ps, "read_at", counting_read_at)
+    # 40 expected, 3 come: the completion copy is read every 0.4 s, the arrivals copy every 2 s, for 4 s
+    results = run_barriers(networks, lambda i: "run.cadence", expected=range(40), timeout=4)
+    assert all(arrived == {0, 1, 2} for arrived in results.values())
+    arrivals, done = reads.count("run.cadence"), reads.count("run.cadence.done")
+    assert 3 <= arrivals and 3 * arrivals <= done, (arrivals, done)
+
+
 def test_a_barrier_call_that_overruns_its_deadline_returns_instead_of_killing_the_peer(monkeypatch, caplog):
     # the network loop held up past the barrier's deadline (seen once at 125 peers): the call ends like a
     # deadline, knowing only the caller, and says so
