@@ -1,4 +1,5 @@
-"""hivemind's UPX-packed p2pd, unpacked once so that the daemons of a host share its code pages."""
+"""hivemind's p2pd: unpacked once so that the daemons of a host share its code pages, and run without relaying."""
+import json
 import os
 import struct
 import subprocess
@@ -127,3 +128,33 @@ def test_anything_but_the_known_packing_is_refused(packed, unpacked, damage):
         data = bytearray(b"#!/bin/sh\n" + bytes(100))
     with pytest.raises(ps.PackedBinaryError):
         ps.upx_unpack_elf(bytes(data))
+
+
+def _anon_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+
+def test_a_peer_daemon_runs_without_the_relay_service(no_new_p2pd):
+    """p2pd's defaults start a relay service that loads an ASN table (≈ 30 MB, ≈ 0.5 CPU-s) in every daemon."""
+    network = ps.PeerNetwork(ps.NetworkOptions()).start()
+    try:
+        with open(f"/proc/{network.p2pd_pid}/cmdline", "rb") as f:
+            args = f.read().decode().split("\0")
+        config = [a[len("-f="):] for a in args if a.startswith("-f=")]
+        assert len(config) == 1 and json.load(open(config[0])) == {"Relay": {"Enabled": False}}
+        time.sleep(2)  # the relay service loads its table within half a second of the start
+        assert _anon_rss_kb(network.p2pd_pid) < 16_000  # ≈ 5 MB without the relay service, ≈ 34 MB with it
+    finally:
+        network.shutdown()
+
+
+def test_the_daemon_config_is_written_once_and_its_absence_only_warns(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MARFL_CACHE_DIR", str(tmp_path / "cache"))
+    path = ps.daemon_config_path()
+    assert path and open(path, "rb").read() == ps.DAEMON_CONFIG
+    stamp = os.stat(path).st_mtime_ns
+    assert ps.daemon_config_path() == path and os.stat(path).st_mtime_ns == stamp
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MARFL_CACHE_DIR", str(tmp_path / "file" / "cache"))  # a path that cannot be a folder
+    assert ps.daemon_config_path() is None and "relay service" in caplog.text
