@@ -84,8 +84,8 @@ DHT_STORE_BEAM: Optional[int] = None
 BARRIER_POLL_PER_PEER = 0.1  # a barrier of N peers is read at most every max(0.1, 0.1 N) seconds per peer ...
 BARRIER_LOCAL_CHECK = 0.2  # ... but its pushed completion is looked for in local storage this often
 # The initial peers' copy of the arrivals (one subkey per peer, each checked by the reader) is read every 0.05 s per
-# expected peer: read as often as their copy of the completion, the 125 peers' reads kept both cores busy for
-# 90 s after the last peer had arrived.
+# expected peer, 5x less often than their copy of the completion (empty until it lands): read as often as that, the
+# 125 waiting peers of a start checked 12,500 subkeys a second between them.
 BARRIER_ARRIVALS_READ_PER_PEER = 0.05
 BARRIER_FANOUT = 4  # children per peer in the tree that passes a barrier's completion on
 BARRIER_OVERRUN = 30.0  # a barrier call that outlasts its deadline by this much returns anyway (see barrier)
@@ -1278,7 +1278,7 @@ async def async_barrier(
     limit = max(wanted | {me}) + 1  # subkeys outside the expected range are nobody we wait for
     done_key, pause = f"{key}.done", min(0.2, max_delay)
     record: Dict[str, Any] = {}  # every arrival any read showed (an arrival stays for ttl: none is taken back)
-    # two reads run beside the local checks, each at its own pace: a push ends the wait at once
+    # three reads run beside the local checks, each at its own pace: a push ends the wait at once
     reads: Dict[str, Optional[asyncio.Future]] = {"done": None, "arrivals": None, "dht": None}
     start = time.monotonic() if initial else math.inf
     next_read = {"done": start, "arrivals": start, "dht": time.monotonic()}

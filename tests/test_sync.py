@@ -147,8 +147,8 @@ def test_the_initial_peers_copies_complete_a_barrier_while_every_dht_read_hangs(
 
 def test_the_initial_peers_copy_of_the_arrivals_is_read_less_often_than_their_copy_of_the_completion(
         networks, monkeypatch):
-    # the arrivals copy holds one checked subkey per peer: read as often as the (small) completion, the reads of
-    # 125 waiting peers kept both cores busy for 90 s after the last one had arrived
+    # the arrivals copy holds one checked subkey per peer: read as often as the (small) completion, 125 waiting
+    # peers checked 12,500 subkeys a second between them
     import peer_synchronization as ps
 
     real_read_at, reads = ps.read_at, []
