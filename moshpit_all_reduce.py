@@ -817,7 +817,6 @@ class MoshpitAverager:
         self.excluded: Set[int] = set()  # group-mates left out for the rest of this round (sent bad data, went silent)
         self._round: Optional[int] = None
         self._timed_out = False
-        self._deviated = False  # a group this round differed from the plan: later keys may not be planned ones
         self._patience_until = -math.inf  # until when steps wait longer for group-mates (:meth:`wait_for_stragglers`)
         self._prefetch: Optional[concurrent.futures.Future] = None  # a background read of data-plane endpoints
         self.servicer = network.run(self._make_servicer(), timeout=60)
@@ -869,7 +868,7 @@ class MoshpitAverager:
         (one DHT read; heartbeats only matter for peers that missed a group)."""
         if self._round == round_index:
             return
-        self._round, self.excluded, self._deviated = round_index, set(), False
+        self._round, self.excluded = round_index, set()
         if not self.liveness.missed:
             return
         try:
@@ -956,6 +955,7 @@ class MoshpitAverager:
         that could not be reached."""
         plane, deadline, delay = self.plane, time.monotonic() + DIAL_PATIENCE, 0.05
         missing = {p for p in peers if not plane.connected(p)}
+        refused: Set[int] = set()
         while missing:
             if not missing <= self._endpoints.keys():  # endpoints do not move: read again only for new peers
                 self._learn_endpoints(await self.network.read_shared(self._endpoint_key(),
@@ -966,6 +966,7 @@ class MoshpitAverager:
             for peer, error in zip(dialled, outcomes):
                 if isinstance(error, BaseException):
                     logger.debug("data plane: %r", error)
+                    refused.add(peer)
                     self._endpoints.pop(peer, None)  # maybe restarted elsewhere: its record is read again
             missing = {p for p in missing if not plane.connected(p)}
             if not missing or time.monotonic() + delay >= deadline:
@@ -973,52 +974,85 @@ class MoshpitAverager:
             await asyncio.sleep(delay)
             delay = min(2 * delay, 1.0)
         for peer in missing:
-            logger.warning("data plane: peer %d unreachable", peer)
+            logger.warning("data plane: peer %d unreachable (%s)", peer,
+                           "its dial failed" if peer in refused else "its endpoint unknown")
         return missing
 
     async def _join_directly(self, key: str, expected: FrozenSet[int], deadline: float,
                              traffic: _Traffic) -> Optional[List[_Member]]:
-        """Meet a complete planned group on the data plane, without the DHT; None: meet through the DHT.
+        """Meet a planned group on the data plane, without the DHT; None: meet through the DHT.
 
-        Every member sends every other a JOIN frame carrying a digest of the member set it expects (or an empty
-        one when it will use the DHT: a member of this round's planned groups only while every group it met so
-        far was as planned, nobody expected is presumed gone or was left out this round). When the JOINs of all
-        expected members arrive before ``deadline`` and carry our digest, the group is exactly ``expected`` for
-        all of them. Otherwise we send ABORT frames (so a straggler that finds all our JOINs later does not go
-        ahead alone with us) and fall back to the DHT, where the leader's list is final.
+        The group we expect is ``expected`` less the members we presume gone or left out this round (they sent
+        bad data or went silent). Every member sends every other it expects a JOIN frame carrying a digest of
+        that member set (an empty one when somebody it expects cannot be dialled: it will use the DHT). When the
+        JOINs of all of them arrive before ``deadline`` and carry our digest, the group is that set for all of
+        them. Otherwise we send ABORT frames (so a straggler that finds all our JOINs later does not go ahead
+        alone with us) and fall back to the DHT, where the leader's list is final.
         """
         me, plane = self.options.index, self.plane
-        others = sorted(expected - {me})
+        gone = {i for i in expected - {me} if self.liveness.presumed_gone(i)}
+        left_out = gone | self.excluded.intersection(expected - {me})
+        members = expected - left_out
+        others = sorted(members - {me})
+        if not others:
+            return None
         join_id = hashlib.sha256(b"join" + key.encode()).digest()[:20]
-        view = hashlib.sha256(repr(sorted(expected)).encode()).digest()
-        gone = {i for i in others if self.liveness.presumed_gone(i)}
-        eligible = not self._deviated and not gone and not self.excluded.intersection(others)
-        # a peer presumed gone is not dialled (its stale endpoint would refuse dials for DIAL_PATIENCE every step)
-        unreachable = gone | await self._connect([i for i in others if i not in gone])
-        joined = []
+        view = hashlib.sha256(repr(sorted(members)).encode()).digest()
+        # a peer left out is not dialled (a gone peer's stale endpoint would refuse dials for DIAL_PATIENCE)
+        unreachable = await self._connect(others)
+        joined, aborted = [], False
         try:
             for i in others:
                 if i not in unreachable:
-                    sent = await plane.send(i, join_id, _JOIN, view if eligible else b"")
-                    traffic.sent += sent
-            if eligible and not unreachable:
-                joined = await asyncio.gather(*(plane.receive(i, join_id, _JOIN, timeout=deadline - time.monotonic())
-                                                for i in others), return_exceptions=True)
+                    traffic.sent += await plane.send(i, join_id, _JOIN, b"" if unreachable else view)
+            if not unreachable:
+                joined, aborted = await self._await_joins(others, join_id, view, deadline)
                 traffic.received += sum(frame_bytes(len(j)) for j in joined if isinstance(j, np.ndarray))
         except PlaneError as e:
             logger.debug("group %s: direct join failed: %r", key, e)
         complete = len(joined) == len(others) and all(isinstance(j, np.ndarray) and j.tobytes() == view for j in joined)
-        if complete and not any(plane.has_frame(i, join_id, _ABORT) for i in others):
+        if complete and not aborted and not any(plane.has_frame(i, join_id, _ABORT) for i in others):
             plane.forget(join_id)  # frames of this join that come later (a straggler's) are dropped unread
             self._timed_out = False
-            self.liveness.observe(expected=expected, present=set(expected))
-            return [_Member(i, b"") for i in sorted(expected)]
-        if eligible:
-            sent = await asyncio.gather(*(plane.send(i, join_id, _ABORT, b"") for i in others if plane.connected(i)),
-                                        return_exceptions=True)
-            traffic.sent += sum(n for n in sent if isinstance(n, int))
+            self.liveness.observe(expected=members, present=set(members))
+            return [_Member(i, b"") for i in sorted(members)]
+        logger.debug("group %s: no direct join (left out %s, unreachable %s, JOINs from %s, with our view from %s)",
+                     key, sorted(left_out), sorted(unreachable),
+                     [i for i, j in zip(others, joined) if isinstance(j, np.ndarray)],
+                     [i for i, j in zip(others, joined) if isinstance(j, np.ndarray) and j.tobytes() == view])
+        sent = await asyncio.gather(*(plane.send(i, join_id, _ABORT, b"") for i in others if plane.connected(i)),
+                                    return_exceptions=True)
+        traffic.sent += sum(n for n in sent if isinstance(n, int))
         plane.forget(join_id)
         return None
+
+    async def _await_joins(self, others: Sequence[int], join_id: bytes, view: bytes,
+                           deadline: float) -> Tuple[List[Any], bool]:
+        """The JOIN frames of ``others`` (each a frame, or the exception that ended its wait) and whether one of
+        them sent ABORT. Waited for until ``deadline``, but no longer than it takes one member to send ABORT or a
+        view other than ``view``: the join cannot complete then, and who still waited for a member that had left
+        for the DHT waited out its whole straggler patience (at 125 peers, two peers held every group after
+        theirs for minutes)."""
+        def wait_for(i: int, phase: int) -> asyncio.Future:
+            return asyncio.ensure_future(self.plane.receive(i, join_id, phase, timeout=deadline - time.monotonic()))
+
+        def arrived(future: asyncio.Future) -> bool:
+            return future.done() and not future.cancelled() and future.exception() is None
+
+        joins, aborts = {i: wait_for(i, _JOIN) for i in others}, [wait_for(i, _ABORT) for i in others]
+        pending = set(joins.values()) | set(aborts)
+        try:
+            while not all(f.done() for f in joins.values()):
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if any(arrived(f) for f in aborts) or any(
+                        arrived(f) and f.result().tobytes() != view for f in joins.values()):
+                    break
+        finally:
+            for future in list(joins.values()) + aborts:
+                future.cancel()
+        joined = [(f.exception() or f.result()) if f.done() and not f.cancelled() else PlaneError("not waited for")
+                  for f in joins.values()]
+        return joined, any(arrived(f) for f in aborts)
 
     async def _tcp_allreduce(self, key, members, flat: torch.Tensor, traffic) -> Tuple[Tuple[int, ...], int]:
         """Butterfly all-reduce over :class:`TcpPlane`: the same algorithm and checks as :meth:`_allreduce`.
@@ -1417,7 +1451,6 @@ class MoshpitAverager:
         met_directly = members is not None
         if members is None:
             members = await self._form_group(key, expected, deadline)
-            self._deviated |= {m.index for m in members} != expected
         if len(members) > 1 and not direct:  # group-mates met for the first time may have published their addresses
             await self.network.await_addresses(m.peer_id for m in members)
         matched = time.monotonic()
@@ -1720,7 +1753,10 @@ def moshpit_steps(
     """Walk this peer through the round's MAR groups; ``run_step(key, expected)`` does the in-group exchange.
 
     Averaging and the all-gather of knowledge distillation share this walk, so both meet the same groups. The
-    walk follows the groups this peer actually met (its rank in them), the plan only says whom to expect.
+    walk follows the plan: the next group comes from this peer's rank in its *planned* group, whoever of it was
+    met. A group that lost a member thus costs only its own step: walking on by the rank among those met put a
+    peer into a group that did not expect it, whose members then met through the DHT, and so on, until at 125
+    peers one late member sent most of the round's groups to the DHT.
     """
     ordered = sorted(participants)
     me = averager.options.index
@@ -1735,9 +1771,8 @@ def moshpit_steps(
     for step in range(schedule.num_steps):
         expected = frozenset(plan[step].get(group, [])) | {me}
         key = averager.group_key(round_index=round_index, step=step, bucket=group, tag=tag)
-        result = run_step(key, expected)
-        report.steps.append(result)
-        group = grouping.advance(group, result.rank)
+        report.steps.append(run_step(key, expected))
+        group = grouping.advance(group, sorted(expected).index(me))
     return report
 
 

@@ -1267,7 +1267,7 @@ async def async_barrier(
     # no DHT call holds the barrier: on an overloaded DHT (125 peers on 2 cores) one store or read could outlast
     # its deadline (a peer that had finished every round died of its end barrier), and an arrival whose store
     # did not land (its key's nodes too busy to answer) is stored again whenever a read does not show it
-    arrival = _announce(dht, key, me, ttl, initial)
+    arrival = _announce(dht, key, me, ttl, initial, until=deadline)
     wanted = frozenset(expected)
     if max_delay is None:
         max_delay = max(0.1, len(wanted) * BARRIER_POLL_PER_PEER)
@@ -1307,7 +1307,7 @@ async def async_barrier(
                         record.update(future.result())
                     if source == "dht":
                         if str(me) not in record and arrival.done():
-                            arrival = _announce(dht, key, me, ttl, initial)
+                            arrival = _announce(dht, key, me, ttl)  # the initial peers' copies retry on their own
                         next_read["dht"], pause = now + pause, min(2 * pause, max_delay)
                     else:
                         next_read[source] = now + every[source]
@@ -1362,24 +1362,52 @@ async def _read_dht_copy(dht: Any, key: str) -> Dict[str, Any]:
     return _merged(key, await asyncio.gather(poll_read(dht, key), return_exceptions=True))
 
 
-def _announce(dht: Any, key: str, me: int, ttl: float, initial: Sequence[Any] = ()) -> asyncio.Future:
+def _announce(dht: Any, key: str, me: int, ttl: float, initial: Sequence[Any] = (), *,
+              until: float = math.inf) -> asyncio.Future:
     """Store our arrival under ``key`` in the background (the value: our peer id, where a completion is pushed),
-    in the DHT and straight on the ``initial`` peers, each bounded by :data:`DHT_READ_TIMEOUT`; the future's
-    result says whether some node took it."""
+    in the DHT and straight on the ``initial`` peers, each try bounded by :data:`DHT_READ_TIMEOUT`; the future's
+    result says whether some node took it (the DHT copy, or an initial peer at its first try).
+
+    A copy on an initial peer that did not land is tried again (1, 2, 4, 5, 5 ... s apart) until it does or
+    ``until`` passes, on its own: every waiting peer reads those copies every few seconds, the DHT's only rarely.
+    At 125 peers a third of the first stores there timed out, and an arrival whose DHT copy had landed was never
+    stored there again, so the others saw it only in their slow DHT reads (the start barrier ended 50-90 s
+    after the last peer arrived)."""
+    value = dht.peer_id.to_bytes()
+
     async def store_one(stored: Awaitable[bool]) -> bool:
         try:
             return await asyncio.wait_for(stored, DHT_READ_TIMEOUT)
-        except Exception as e:  # noqa: BLE001 - stored again after the next read that does not show it
+        except Exception as e:  # noqa: BLE001 - stored again (see above)
             logger.debug("barrier %s: storing our arrival failed: %r", key, e)
             return False
 
-    async def store() -> bool:
-        value = dht.peer_id.to_bytes()
-        copies = [publish(dht, key, str(me), value, ttl=ttl)] + [
-            store_at(dht, p, key, str(me), value, ttl=ttl) for p in initial]
-        return any(await asyncio.gather(*(store_one(c) for c in copies)))
+    async def store_on(peer_id: Any, first: asyncio.Future) -> None:
+        pause = 1.0
+        try:
+            while True:
+                landed = await store_one(store_at(dht, peer_id, key, str(me), value, ttl=ttl))
+                if not first.done():
+                    first.set_result(landed)
+                if landed or time.monotonic() + pause >= until:
+                    return
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, BARRIER_PUSH_RETRY)
+        finally:
+            if not first.done():
+                first.set_result(False)
 
-    task = asyncio.ensure_future(store())
+    async def store() -> bool:
+        firsts = [asyncio.get_running_loop().create_future() for _ in initial]
+        for peer_id, first in zip(initial, firsts):
+            _keep(asyncio.ensure_future(store_on(peer_id, first)))
+        return any(await asyncio.gather(store_one(publish(dht, key, str(me), value, ttl=ttl)), *firsts))
+
+    return _keep(asyncio.ensure_future(store()))
+
+
+def _keep(task: asyncio.Future) -> asyncio.Future:
+    """Hold a background store or push referenced until it ends (see :data:`_PUSHES`)."""
     _PUSHES.add(task)
     task.add_done_callback(_PUSHES.discard)
     return task
@@ -1439,11 +1467,8 @@ def _pass_completion_on(dht: Any, done_key: str, ids: Dict[int, bytes], *, me: i
             logger.debug("barrier %s: storing the completion on an initial peer failed: %r", done_key, e)
 
     targets = tree_children(reachable, root, me) + ([root] if read_it and me != root else [])
-    task = asyncio.ensure_future(asyncio.gather(*(push(target) for target in targets),
-                                                *(store_initial(p) for p in initial)))
-    _PUSHES.add(task)
-    task.add_done_callback(_PUSHES.discard)
-    return task
+    return _keep(asyncio.ensure_future(asyncio.gather(*(push(target) for target in targets),
+                                                      *(store_initial(p) for p in initial))))
 
 
 def _barrier_index(subkey: Any, limit: int) -> Optional[int]:

@@ -240,6 +240,32 @@ def test_moshpit_steps_walks_the_planned_groups_and_keys_encode_them(grouping, n
     assert all(suffix.fullmatch(key) for key in seen)
 
 
+@pytest.mark.parametrize("grouping", ["packed", "reference"])
+def test_a_group_that_lost_members_leaves_the_later_steps_as_planned(grouping):
+    """A peer whose group met without some members (late, gone, left out) walks on by its planned rank: every
+    later group is still the planned one, so one missing member costs one group one step, not the round."""
+    n, gs, gk = 125, 5, 3
+    participants = list(range(n))
+    schedule = MarSchedule(gs, gk, gk, grouping=grouping, num_peers=n)
+
+    def walk(missing):
+        seen = {}
+        for me in participants:
+            def run_step(key, expected, me=me):
+                met = tuple(sorted(i for i in expected if i == me or (key, i) not in missing))
+                seen.setdefault(key, set()).add((tuple(sorted(expected)), me))
+                return StepReport(members=met, rank=met.index(me))
+
+            moshpit_steps(_WalkAverager(me), participants=participants, round_index=1, schedule=schedule,
+                          tag="avg", run_step=run_step)
+        return seen
+
+    planned = walk(set())
+    first_key = sorted(k for k in planned if ".s0." in k)[0]
+    lost = {(first_key, min(m for m, _ in planned[first_key] for m in m))}  # its lowest member missed step 0
+    assert walk(lost) == planned
+
+
 def test_reference_key_label():
     assert group_label(3) == "3" and group_label((3, 0, 1)) == "3_0_1"
     averager = _WalkAverager(0)

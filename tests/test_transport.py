@@ -4,6 +4,7 @@ import asyncio
 import gc
 import signal
 import socket
+import time
 import weakref
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 
 from conftest import alive
 from engine_peer import TCP_SECRET, initial_tensors, load_result, mean_of, run_engine_peers
+from moshpit_all_reduce import AveragerOptions, MoshpitAverager, _Traffic
 from peer_synchronization import (
     MAX_UNCLAIMED_FRAMES,
     NetworkOptions,
@@ -149,6 +151,61 @@ def test_unclaimed_frames_are_bounded():
 ])
 def test_endpoint_records_are_parsed_strictly(value, want):
     assert parse_endpoint(value) == want
+
+
+# ---------- direct matchmaking on the plane (averagers without a network) ----------
+
+
+class _Liveness:
+    def __init__(self, gone):
+        self.gone = set(gone)
+
+    def presumed_gone(self, index):
+        return index in self.gone
+
+    def observe(self, *, expected, present):
+        pass
+
+
+def join_directly(views, *, expected=frozenset({0, 1, 2}), patience=5.0):
+    """``_join_directly`` of every averager in ``views`` ({index: (presumed gone, excluded)}) at once, each on its
+    own plane (one plane per index of ``expected``); returns {index: member indices, or None for the DHT}."""
+    async def main():
+        planes = {i: TcpPlane(index=i, secret=SECRET, host="127.0.0.1", num_peers=8) for i in expected}
+        ports = {i: await plane.start() for i, plane in planes.items()}
+        averagers = {}
+        for i, (gone, excluded) in views.items():
+            averager = object.__new__(MoshpitAverager)
+            averager.options = AveragerOptions(prefix="t", index=i, num_peers=8, transport="tcp")
+            averager.plane, averager.liveness, averager.excluded = planes[i], _Liveness(gone), set(excluded)
+            averager._endpoints = {j: ("127.0.0.1", port) for j, port in ports.items()}
+            averager._timed_out = False
+            averagers[i] = averager
+        deadline = time.monotonic() + patience
+        try:
+            met = await asyncio.gather(*(a._join_directly("run.avg.r1.s0.g0", expected, deadline, _Traffic())
+                                         for a in averagers.values()))
+        finally:
+            for plane in planes.values():
+                await plane.close()
+        return {i: None if m is None else [member.index for member in m] for i, m in zip(averagers, met)}
+
+    return asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_a_planned_group_meets_directly_without_the_member_all_of_them_left_out():
+    """A member everybody presumes gone (or left out after it went silent) is not waited for: the others still
+    meet on the data plane, as the planned group less that member."""
+    assert join_directly({0: ({2}, ()), 1: ({2}, ())}) == {0: [0, 1], 1: [0, 1]}
+    assert join_directly({0: ((), {2}), 1: ((), {2})}) == {0: [0, 1], 1: [0, 1]}
+    assert join_directly({0: ((), ()), 1: ((), ()), 2: ((), ())}) == {i: [0, 1, 2] for i in range(3)}
+
+
+def test_members_that_disagree_on_who_is_left_out_meet_through_the_dht_without_waiting_out_their_patience():
+    # peer 0 left peer 2 out, peer 1 did not: nobody goes ahead on the data plane with a group the others differ
+    # on, and nobody waits for a JOIN that will not come (peer 0 sends none to peer 2) once a view differs or an
+    # ABORT came: with an hour's patience the joins still end (the call below would otherwise hang for an hour)
+    assert join_directly({0: ((), {2}), 1: ((), ()), 2: ((), ())}, patience=3600) == {0: None, 1: None, 2: None}
 
 
 # ---------- real peers on the plane ----------
