@@ -53,7 +53,6 @@ class RunConfig:
     device: str = "cpu"
     num_peers: int = 8
     peers_per_core: int = 1
-    training_nice: int = 10  # a peer's training runs this much nicer than its network thread and p2pd
     max_runtime_hours: float = 12.0
     # Moshpit All-Reduce
     group_size: int = 2
@@ -175,9 +174,6 @@ def _flags_general_hardware(p: argparse.ArgumentParser, d: RunConfig) -> None:
     _flag(g, "np", "num-peers", dest="num_peers", type=int, default=d.num_peers, help="number of peers")
     _flag(g, "pp", "peers-per-core", dest="peers_per_core", type=int, default=d.peers_per_core,
           help="peers pinned to each CPU core")
-    g.add_argument("--training-nice", dest="training_nice", type=int, default=d.training_nice,
-                   help="niceness added to each peer's training thread (0-19), so that on an oversubscribed host "
-                        "the peers' network threads and p2pds answer in time; 0: as the launcher")
     _flag(g, "rt", "max-runtime-hours", dest="max_runtime_hours", type=float, default=d.max_runtime_hours,
           help="stop the run after this many hours")
 
@@ -406,7 +402,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(0 <= cfg.seed < INT_LIMIT, f"-sd must be in [0, 2^63), got {_short(cfg.seed, 30)}")
     _check(cfg.num_peers >= 1, f"--np must be at least 1, got {cfg.num_peers}")
     _check(cfg.peers_per_core >= 1, f"--pp must be at least 1, got {cfg.peers_per_core}")
-    _check(0 <= cfg.training_nice <= 19, f"--training-nice must be between 0 and 19, got {cfg.training_nice}")
     _check(cfg.max_runtime_hours > 0, f"--rt must be positive, got {cfg.max_runtime_hours}")
     _check(cfg.group_size >= 2, f"--gs must be at least 2, got {cfg.group_size}")
     _check(cfg.group_key_dim >= 1, f"--gk must be at least 1, got {cfg.group_key_dim}")
@@ -604,7 +599,7 @@ RESUMABLE = {"rounds", "max_runtime_hours", "wandb_mode", "wandb_project", "wand
              "wandb_tags", "wandb_job_type", "log_level", "initial_peers",
              "peer_range", "host", "announce_host", "nat_port_map", "startup_timeout", "ckpt_every",
              "shm_warn_percent", "data_dir", "matchmaking_timeout", "allreduce_timeout", "peers_per_core",
-             "training_nice", "max_failed_percent", "restart_dead", "rejoin", "accuracy_targets"}
+             "max_failed_percent", "restart_dead", "rejoin", "accuracy_targets"}
 
 
 def _resume_config(args: argparse.Namespace, given: Set[str], env: Optional[Dict[str, str]]) -> RunConfig:

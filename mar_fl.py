@@ -225,20 +225,6 @@ def _setup_peer_logging(run_dir: str, index: int, level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _lower_training_priority(niceness: int) -> None:
-    """Make the calling thread, the peer's training, ``niceness`` steps nicer (Linux: per thread). The network
-    thread and ``p2pd``, started before, keep their priority: with 125 peers on 2 cores, a DHT request, a
-    barrier push or a data-plane handshake waited behind the peers' training for longer than its timeout, and
-    the bootstrap node, which every peer asks, got one 250th of the machine like any of them."""
-    if niceness <= 0:
-        return
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
-    except OSError as e:  # not fatal: the peer trains at the launcher's priority
-        logger.warning("could not lower the training thread's priority: %r", e)
-
-
 def _watch_launcher(launcher_pid: int) -> None:
     """If the launcher dies without telling us (SIGKILL, OOM), stop too; the finally clause stops our p2pd.
 
@@ -300,7 +286,6 @@ def peer_entry(cfg_json: Dict[str, Any], index: int, run_dir: str, initial_peers
             run_server(cfg, index=index, run_dir=run_dir, network=network, prefix=prefix, prepared=prepared,
                        resume_round=resume_round)
         else:
-            _lower_training_priority(cfg.training_nice)
             run_peer(cfg, index=index, run_dir=run_dir, network=network, prefix=prefix, device=device,
                      prepared=prepared, resume_round=resume_round, rejoin=rejoin)
     except PeerStopped:

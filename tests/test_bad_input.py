@@ -35,8 +35,6 @@ CASES = [
     (["--matchmaking-timeout", "nan"], "--matchmaking-timeout"),
     (["--allreduce-timeout", "inf"], "--allreduce-timeout"),
     (["--rt", "nan"], "--rt"),
-    (["--training-nice", "-1"], "--training-nice"),
-    (["--training-nice", "20"], "--training-nice"),
     (["--al", "inf"], "--al"),
     (["--ct", "nan"], "--ct"),
     (["--nm", "nan"], "--nm"),

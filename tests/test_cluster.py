@@ -1,9 +1,8 @@
 """Cluster housekeeping without a cluster: Slurm allocation parsing, peer ranges, resume flags, checkpoints,
-the /dev/shm watchdog, and the training thread's priority."""
+and the /dev/shm watchdog."""
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -158,33 +157,3 @@ def test_watchdog_warns_past_the_threshold(tmp_path):
     dog.sweep()
     assert warnings and "full" in warnings[0]
     assert dog.metrics()["shm_used_fraction"] > 0
-
-
-def test_a_peers_training_thread_runs_nicer_than_its_network_thread():
-    """The network thread (and the p2pd it starts) keep the launcher's priority; the training thread and what it
-    starts afterwards (torch's threads) run --training-nice steps nicer."""
-    import mar_fl
-
-    def nice(tid):
-        return os.getpriority(os.PRIO_PROCESS, tid)
-
-    seen = {}
-
-    def peer_main_thread():
-        release = threading.Event()
-        network = threading.Thread(target=release.wait)
-        network.start()
-        mar_fl._lower_training_priority(7)
-        later = threading.Thread(target=lambda: seen.setdefault("later", nice(threading.get_native_id())))
-        later.start()
-        later.join()
-        seen["training"], seen["network"] = nice(threading.get_native_id()), nice(network.native_id)
-        release.set()
-        network.join()
-
-    base = nice(threading.get_native_id())
-    worker = threading.Thread(target=peer_main_thread)  # a thread of our own: pytest's stays as it was
-    worker.start()
-    worker.join()
-    assert seen == {"training": min(19, base + 7), "later": min(19, base + 7), "network": base}
-    assert nice(threading.get_native_id()) == base
