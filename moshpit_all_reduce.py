@@ -1755,8 +1755,8 @@ def moshpit_steps(
     Averaging and the all-gather of knowledge distillation share this walk, so both meet the same groups. The
     walk follows the plan: the next group comes from this peer's rank in its *planned* group, whoever of it was
     met. A group that lost a member thus costs only its own step: walking on by the rank among those met put a
-    peer into a group that did not expect it, whose members then met through the DHT, and so on, until at 125
-    peers one late member sent most of the round's groups to the DHT.
+    peer into a group that did not expect it, whose members then met through the DHT, and so on: one group that
+    lost a member could send most of the round's later groups to the DHT matchmaking.
     """
     ordered = sorted(participants)
     me = averager.options.index
