@@ -359,8 +359,10 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
         _rejoin(cfg, state, rt)
     else:
         logger.info("peer %d: model, data and averager ready", index)
+        endpoints: Dict[int, Any] = {}  # group-mates' data-plane endpoints come with the start barrier
         arrived = barrier(network, f"{prefix}.start", me=index, expected=range(cfg.num_peers),
-                          timeout=cfg.startup_timeout)
+                          timeout=cfg.startup_timeout, card=averager.endpoint_card, cards=endpoints)
+        averager.learn_endpoints(endpoints)
         logger.info("peer %d: %d/%d peers up, %d batches per round, from round %d", index, len(arrived),
                     cfg.num_peers, rt.num_batches, state.round_index + 1)
     out_path = os.path.join(run_dir, "peers", f"peer_{index:04d}.jsonl")

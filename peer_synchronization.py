@@ -49,6 +49,7 @@ from typing import (
     Iterable,
     List,
     Mapping,
+    NamedTuple,
     Optional,
     Sequence,
     Set,
@@ -94,6 +95,7 @@ BARRIER_PUSH_RETRIES, BARRIER_PUSH_RETRY = 3, 5.0  # a completion push that fail
 # both cores while the rest were still learning of the completion (at 64 peers the last left the start barrier
 # 8 s after the first).
 BARRIER_PASS_ON = 2.0
+CARD_ITEMS, CARD_TEXT = 4, 64  # a barrier card: at most this many ints and strings of at most this many chars
 DHT_POLL_PER_PEER = 0.01  # see dht_poll_pause
 RENEWAL_SEARCH_EVERY = 120.0  # a record renewed again and again looks for its key's nodes again this often
 ADDRESS_RETRY = 3.0  # an address record that no node took is stored again after this (doubling each time)
@@ -1226,28 +1228,58 @@ def _peer_id_value(value: Any) -> Optional[bytes]:
     return value if isinstance(value, bytes) and len(value) <= 64 else None
 
 
-def parse_completion(value: Any, wanted: FrozenSet[int], limit: int) -> Optional[Dict[int, bytes]]:
-    """A pushed completion record, ``[[index, peer id], …]``: strictly shaped, in range, covering ``wanted``."""
+def parse_card(value: Any) -> Optional[List[Any]]:
+    """A barrier card from the wire: a list of at most :data:`CARD_ITEMS` ints and short strings; else None."""
+    if not isinstance(value, list) or len(value) > CARD_ITEMS:
+        return None
+    ok = all(type(v) is int or (isinstance(v, str) and len(v) <= CARD_TEXT) for v in value)
+    return value if ok else None
+
+
+def parse_arrival(value: Any) -> Optional[Tuple[bytes, Optional[List[Any]]]]:
+    """An arrival as a barrier record carries it: ``peer id`` or ``[peer id, card]`` (see :func:`async_barrier`);
+    a card that does not parse is dropped, the arrival still counts."""
+    if isinstance(value, list) and len(value) == 2 and _peer_id_value(value[0]) is not None:
+        return value[0], parse_card(value[1])
+    peer_id = _peer_id_value(value)
+    return None if peer_id is None else (peer_id, None)
+
+
+class Completion(NamedTuple):
+    """Who arrived at a barrier: their peer ids (``b""``: not told) and the cards they carried."""
+
+    ids: Dict[int, bytes]
+    cards: Dict[int, List[Any]]
+
+
+def parse_completion(value: Any, wanted: FrozenSet[int], limit: int) -> Optional[Completion]:
+    """A pushed completion record, ``[[index, peer id(, card)], …]``: strictly shaped, in range, covering
+    ``wanted``."""
     if not isinstance(value, list) or len(value) > limit:
         return None
-    ids: Dict[int, bytes] = {}
+    done = Completion({}, {})
     for item in value:
-        if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int and 0 <= item[0] < limit):
+        if not (isinstance(item, list) and len(item) in (2, 3) and type(item[0]) is int and 0 <= item[0] < limit):
             return None
-        peer_id = _peer_id_value(item[1])
-        if peer_id is None:
+        peer_id, card = _peer_id_value(item[1]), parse_card(item[2]) if len(item) == 3 else None
+        if peer_id is None or (len(item) == 3 and card is None):
             return None
-        ids[item[0]] = peer_id
-    return ids if wanted <= ids.keys() else None
+        done.ids[item[0]] = peer_id
+        if card is not None:
+            done.cards[item[0]] = card
+    return done if wanted <= done.ids.keys() else None
 
 
 async def async_barrier(
     dht: Any, key: str, *, me: int, expected: Collection[int], timeout: float, ttl: float = 600.0,
-    max_delay: Optional[float] = None, initial: Sequence[Any] = (),
+    max_delay: Optional[float] = None, initial: Sequence[Any] = (), card: Optional[List[Any]] = None,
+    cards: Optional[Dict[int, List[Any]]] = None,
 ) -> FrozenSet[int]:
     """Announce ``me`` under ``key`` and wait until all ``expected`` indices arrived or ``timeout`` passes.
 
-    Arrivals are subkeys of ``key`` (the value: the arriving node's peer id). A peer reads the whole record
+    Arrivals are subkeys of ``key`` (the value: the arriving node's peer id, with our ``card`` if given: a few
+    small values every other peer learns with the completion, see :func:`parse_card`; ``cards`` is filled with
+    the cards of the arrivals we learn of). A peer reads the whole record
     right after its own arrival and then rarely (at most every ``max_delay`` s; by default 0.1 s per expected
     peer: every read visits several nodes and returns every arrival, and 125 peers reading every 2.5 s kept two
     cores busy for minutes). Whoever reads a complete record pushes the list of arrivals to the root of the
@@ -1267,7 +1299,7 @@ async def async_barrier(
     # no DHT call holds the barrier: on an overloaded DHT (125 peers on 2 cores) one store or read could outlast
     # its deadline (a peer that had finished every round died of its end barrier), and an arrival whose store
     # did not land (its key's nodes too busy to answer) is stored again whenever a read does not show it
-    arrival = _announce(dht, key, me, ttl, initial, until=deadline)
+    arrival = _announce(dht, key, me, ttl, initial, until=deadline, card=card)
     wanted = frozenset(expected)
     if max_delay is None:
         max_delay = max(0.1, len(wanted) * BARRIER_POLL_PER_PEER)
@@ -1283,12 +1315,26 @@ async def async_barrier(
     start = time.monotonic() if initial else math.inf
     next_read = {"done": start, "arrivals": start, "dht": time.monotonic()}
 
-    def completions(copy: Mapping[str, Any]) -> Dict[int, Dict[int, bytes]]:
-        return {root: ids for root, ids in ((_barrier_index(s, limit), parse_completion(v, wanted, limit))
-                                            for s, v in copy.items()) if root is not None and ids is not None}
+    def completions(copy: Mapping[str, Any]) -> Dict[int, Completion]:
+        return {root: done for root, done in ((_barrier_index(s, limit), parse_completion(v, wanted, limit))
+                                              for s, v in copy.items()) if root is not None and done is not None}
 
     def arrivals() -> FrozenSet[int]:
         return frozenset(i for i in (_barrier_index(s, limit) for s in record) if i is not None) | {me}
+
+    def read_from_record(indices: Iterable[int]) -> Completion:
+        parsed = {i: parse_arrival(record.get(str(i))) for i in indices}
+        done = Completion({i: a[0] if a else b"" for i, a in parsed.items()},
+                          {i: a[1] for i, a in parsed.items() if a and a[1] is not None})
+        done.ids[me] = dht.peer_id.to_bytes()  # our arrival may be in flight
+        if card is not None:
+            done.cards[me] = card
+        return done
+
+    def leave(done: Completion) -> FrozenSet[int]:
+        if cards is not None:
+            cards.update(done.cards)
+        return frozenset(done.ids) | {me}
 
     try:
         while True:
@@ -1307,24 +1353,23 @@ async def async_barrier(
                         record.update(future.result())
                     if source == "dht":
                         if str(me) not in record and arrival.done():
-                            arrival = _announce(dht, key, me, ttl)  # the initial peers' copies retry on their own
+                            arrival = _announce(dht, key, me, ttl, card=card)  # the initial peers' copies retry
                         next_read["dht"], pause = now + pause, min(2 * pause, max_delay)
                     else:
                         next_read[source] = now + every[source]
             if not pushed and wanted <= arrivals():
-                ids = {i: _peer_id_value(record.get(str(i))) or b"" for i in wanted}
-                pushed, read_it = {me: {**ids, me: dht.peer_id.to_bytes()}}, True  # our arrival may be in flight
+                pushed, read_it = {me: read_from_record(wanted)}, True
             if pushed:
-                ids = next(iter(pushed.values()))
-                passing = _pass_completion_on(dht, done_key, ids, me=me, ttl=ttl, read_it=read_it,
-                                              initial=initial if read_it else ())
+                done = next(iter(pushed.values()))
+                passing = _pass_completion_on(dht, done_key, done.ids, me=me, ttl=ttl, read_it=read_it,
+                                              initial=initial if read_it else (), cards=done.cards)
                 if passing is not None:  # hand it on before this peer goes to work (see BARRIER_PASS_ON)
                     await asyncio.wait({passing}, timeout=max(0.0, min(BARRIER_PASS_ON, deadline - now)))
-                return frozenset(ids) | {me}
+                return leave(done)
             if now >= deadline:
                 if not arrival.done() or str(me) not in record:
                     logger.warning("barrier %s: our arrival may not have been stored before the deadline", key)
-                return arrivals()
+                return leave(read_from_record(arrivals()))
             pending = [f for f in reads.values() if f is not None]
             wake = min(BARRIER_LOCAL_CHECK, deadline - now, *(t - now for s, t in next_read.items() if not reads[s]))
             if pending:
@@ -1363,8 +1408,9 @@ async def _read_dht_copy(dht: Any, key: str) -> Dict[str, Any]:
 
 
 def _announce(dht: Any, key: str, me: int, ttl: float, initial: Sequence[Any] = (), *,
-              until: float = math.inf) -> asyncio.Future:
-    """Store our arrival under ``key`` in the background (the value: our peer id, where a completion is pushed),
+              until: float = math.inf, card: Optional[List[Any]] = None) -> asyncio.Future:
+    """Store our arrival under ``key`` in the background (the value: our peer id, where a completion is pushed,
+    and our ``card`` if any),
     in the DHT and straight on the ``initial`` peers, each try bounded by :data:`DHT_READ_TIMEOUT`; the future's
     result says whether some node took it (the DHT copy, or an initial peer at its first try).
 
@@ -1372,7 +1418,7 @@ def _announce(dht: Any, key: str, me: int, ttl: float, initial: Sequence[Any] = 
     ``until`` passes, on its own: every waiting peer reads those copies every few seconds, the DHT's only rarely.
     At 125 peers more than half of the DHT stores of a start's first 20 s failed, and an arrival whose DHT copy
     had landed was never stored on the initial peers again: the others saw it only in their rare DHT reads."""
-    value = dht.peer_id.to_bytes()
+    value = dht.peer_id.to_bytes() if card is None else [dht.peer_id.to_bytes(), card]
 
     async def store_one(stored: Awaitable[bool]) -> bool:
         try:
@@ -1420,7 +1466,8 @@ def completion_root(reachable: Sequence[int], done_key: str) -> int:
 
 
 def _pass_completion_on(dht: Any, done_key: str, ids: Dict[int, bytes], *, me: int, ttl: float,
-                        read_it: bool = False, initial: Sequence[Any] = ()) -> Optional[asyncio.Future]:
+                        read_it: bool = False, initial: Sequence[Any] = (),
+                        cards: Optional[Mapping[int, List[Any]]] = None) -> Optional[asyncio.Future]:
     """Push the completion of a barrier to our children in its one tree (:func:`completion_root`), in the
     background. Every peer does so when it learns of the completion, by a push or by its own read: a peer that
     read the record complete before its parent pushed to it still serves its own subtree (with a tree rooted at
@@ -1428,11 +1475,13 @@ def _pass_completion_on(dht: Any, done_key: str, ids: Dict[int, bytes], *, me: i
     peer that ``read_it`` (rather than was pushed it) also pushes to the root, which starts the tree. A child
     that does not take the push (gone, or too busy to answer within one DHT call's timeout) does not cost its
     subtree the push: we push to its children ourselves. The completion is also stored on the ``initial``
-    peers (their peer ids), where every waiting peer's reads look. Returns the pushes (None: nothing to push),
+    peers (their peer ids), where every waiting peer's reads look. The arrivals' ``cards`` go with it. Returns
+    the pushes (None: nothing to push),
     which go on in the background whether or not anybody waits for them."""
     from hivemind.p2p import PeerID
 
-    value = [[i, ids[i]] for i in sorted(ids)]
+    cards = cards or {}
+    value = [[i, ids[i]] + ([cards[i]] if i in cards else []) for i in sorted(ids)]
     reachable = sorted(i for i, peer_id in ids.items() if peer_id)
     if me not in reachable:
         return None
@@ -1479,7 +1528,7 @@ def _barrier_index(subkey: Any, limit: int) -> Optional[int]:
 
 def barrier(
     network: PeerNetwork, key: str, *, me: int, expected: Iterable[int], timeout: float,
-    max_delay: Optional[float] = None,
+    max_delay: Optional[float] = None, card: Optional[List[Any]] = None, cards: Optional[Dict[int, List[Any]]] = None,
 ) -> FrozenSet[int]:
     """Synchronous wrapper of :func:`async_barrier`; returns the indices that arrived before the deadline. A wait
     that overruns its deadline by :data:`BARRIER_OVERRUN` s (the network loop was held up: seen once at 125 peers,
@@ -1487,7 +1536,7 @@ def barrier(
     from concurrent.futures import TimeoutError as Overrun
 
     coro = async_barrier(network.dht, key, me=me, expected=list(expected), timeout=timeout, max_delay=max_delay,
-                         initial=network.initial_peer_ids())
+                         initial=network.initial_peer_ids(), card=card, cards=cards)
     try:
         return network.run(coro, timeout=timeout + BARRIER_OVERRUN)
     except Overrun:

@@ -133,6 +133,8 @@ def main() -> None:
     p.add_argument("--transport", default="libp2p", choices=["libp2p", "tcp"])
     p.add_argument("--late", type=float, default=0.0, help="seconds to sleep after the start barrier (a straggler)")
     p.add_argument("--patience", type=float, default=0.0, help="wait_for_stragglers(PATIENCE) before averaging")
+    p.add_argument("--hide-endpoint", action="store_true",
+                   help="never store our data-plane endpoint record (as when no DHT node takes it)")
     args = p.parse_args()
     os.setpgrp()  # the test can then reap our p2pd even if we are SIGKILLed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -142,6 +144,13 @@ def main() -> None:
     try:
         with open(args.out + ".pid", "w") as f:
             f.write(str(net.p2pd_pid))
+        if args.hide_endpoint:
+            store_shared = net.store_shared
+
+            async def store_all_but_endpoints(key, *a, **kw):
+                return key.endswith(".tcp") or await store_shared(key, *a, **kw)
+
+            net.store_shared = store_all_but_endpoints
         averager = MoshpitAverager(net, AveragerOptions(prefix="enginetest", index=args.index,
                                                         compression=args.compression,
                                                         matchmaking_timeout=args.matchmaking_timeout,
@@ -166,7 +175,10 @@ def main() -> None:
 
             setattr(averager, name, dying_allreduce)
         alive = [int(i) for i in args.alive.split(",")]
-        barrier(net, "enginetest.start", me=args.index, expected=alive, timeout=180)
+        endpoints = {}  # as mar_fl.py does: group-mates' data-plane endpoints come with the start barrier
+        barrier(net, "enginetest.start", me=args.index, expected=alive, timeout=180, card=averager.endpoint_card,
+                cards=endpoints)
+        averager.learn_endpoints(endpoints)
         tensors = initial_tensors(args.index)
         time.sleep(args.late)
         averager.wait_for_stragglers(args.patience)

@@ -42,14 +42,19 @@ def run_barriers(nets, key_for, expected, timeout):
     return results
 
 
-def peer_2_arrives_last(networks, key, *, timeout):
-    """Peers 0 and 1 wait at barrier ``key``; peer 2 arrives a second later. Returns who each saw arrive."""
+def peer_2_arrives_last(networks, key, *, timeout, cards=None):
+    """Peers 0 and 1 wait at barrier ``key``; peer 2 arrives a second later. Returns who each saw arrive (and
+    fills ``cards`` with {peer: the cards it learnt}, each peer ``i`` carrying ``card_of(i)``)."""
     import time
 
     results = {}
 
     def go(i):
-        results[i] = barrier(networks[i], key, me=i, expected=range(3), timeout=timeout)
+        learnt = {}
+        results[i] = barrier(networks[i], key, me=i, expected=range(3), timeout=timeout,
+                             card=None if cards is None else card_of(i), cards=learnt)
+        if cards is not None:
+            cards[i] = learnt
 
     early = [threading.Thread(target=go, args=(i,)) for i in (0, 1)]
     for t in early:
@@ -59,6 +64,10 @@ def peer_2_arrives_last(networks, key, *, timeout):
     for t in early:
         t.join()
     return results
+
+
+def card_of(i):
+    return ["10.0.0.%d" % (i + 1), 40000 + i]
 
 
 def test_barrier_returns_who_arrived_and_respects_the_deadline(networks):
@@ -84,7 +93,11 @@ def test_a_barriers_completion_is_pushed_to_peers_that_cannot_see_it(networks, m
 
     monkeypatch.setattr(ps, "read_subkeys", blind_read)
     monkeypatch.setattr(ps, "read_at", blind_read_at)
-    assert peer_2_arrives_last(networks, "run.pushed", timeout=60) == {0: {0, 1, 2}, 1: {0, 1, 2}, 2: {0, 1, 2}}
+    cards = {}
+    assert peer_2_arrives_last(networks, "run.pushed", timeout=60, cards=cards) == {i: {0, 1, 2} for i in range(3)}
+    # every arrival's card (a data-plane endpoint in mar_fl.py) comes with the completion: peers 0 and 1 learnt
+    # the others' from the push alone (a peer that read no endpoint record could not dial its group-mates)
+    assert cards == {i: {j: card_of(j) for j in range(3)} for i in range(3)}
 
 
 def test_a_barriers_completion_reaches_peers_through_the_initial_peers(networks, monkeypatch):
@@ -343,10 +356,20 @@ def test_a_completion_push_that_failed_is_tried_again(monkeypatch):
 
 
 def test_a_pushed_completion_record_is_parsed_strictly():
-    from peer_synchronization import parse_completion
+    from peer_synchronization import Completion, parse_arrival, parse_completion
 
     wanted = frozenset({0, 1})
-    assert parse_completion([[0, b"a"], [1, b""]], wanted, 2) == {0: b"a", 1: b""}
+    assert parse_completion([[0, b"a"], [1, b""]], wanted, 2) == Completion({0: b"a", 1: b""}, {})
+    assert parse_completion([[0, b"a", ["h", 1]], [1, b""]], wanted, 2) == Completion({0: b"a", 1: b""}, {0: ["h", 1]})
+    assert parse_completion([[0, b"a", ["h", 1.5]], [1, b""]], wanted, 2) is None  # a card holds ints and text only
+    assert parse_completion([[0, b"a", ["h"] * 5], [1, b""]], wanted, 2) is None  # and a few of them
+    assert parse_completion([[0, b"a", ["h" * 65]], [1, b""]], wanted, 2) is None  # short ones
+    assert parse_completion([[0, b"a", [True]], [1, b""]], wanted, 2) is None  # a bool is no int
+    assert parse_completion([[0, b"a", [], 1], [1, b""]], wanted, 2) is None
+    assert parse_arrival(b"a") == (b"a", None)
+    assert parse_arrival([b"a", ["h", 1]]) == (b"a", ["h", 1])
+    assert parse_arrival([b"a", {"h": 1}]) == (b"a", None)  # a bad card is dropped; the arrival still counts
+    assert parse_arrival([b"x" * 65, ["h", 1]]) is None and parse_arrival("a") is None
     assert parse_completion([[0, b"a"]], wanted, 2) is None  # does not cover everybody expected
     assert parse_completion([[0, b"a"], [5, b"b"]], wanted, 2) is None  # out of range
     assert parse_completion([[0, b"a"], [True, b"b"]], wanted, 2) is None  # a bool is no index
