@@ -338,8 +338,10 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
     from peer_synchronization import barrier
 
     task = get_task(cfg.task)
+    started = time.monotonic()
     train, test = task.load(prepared)
     state = _init_peer_state(cfg, task, prepared, train, index, torch.device(device))
+    loaded = time.monotonic()
     averager = MoshpitAverager(network, AveragerOptions(
         prefix=prefix, index=index, compression=cfg.compression,
         matchmaking_timeout=cfg.matchmaking_timeout, allreduce_timeout=cfg.allreduce_timeout,
@@ -358,7 +360,9 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
     if rejoin:
         _rejoin(cfg, state, rt)
     else:
-        logger.info("peer %d: model, data and averager ready", index)
+        logger.info("peer %d: model, data and averager ready in %.1f s (model and data %.1f, %s)", index,
+                    time.monotonic() - started, loaded - started,
+                    ", ".join(f"{name} {seconds:.1f}" for name, seconds in averager.start_stages.items()))
         endpoints: Dict[int, Any] = {}  # group-mates' data-plane endpoints come with the start barrier
         arrived = barrier(network, f"{prefix}.start", me=index, expected=range(cfg.num_peers),
                           timeout=cfg.startup_timeout, card=averager.endpoint_card, cards=endpoints)

@@ -820,13 +820,18 @@ class MoshpitAverager:
         self._timed_out = False
         self._patience_until = -math.inf  # until when steps wait longer for group-mates (:meth:`wait_for_stragglers`)
         self._prefetch: Optional[concurrent.futures.Future] = None  # a background read of data-plane endpoints
+        self.start_stages: Dict[str, float] = {}  # seconds each step of the start took (handlers, plane)
+        stage = time.monotonic()
         self.servicer = network.run(self._make_servicer(), timeout=60)
+        self.start_stages["handlers"] = time.monotonic() - stage
         self.plane: Optional[TcpPlane] = None
         self._endpoint: Optional[List[Any]] = None  # [host, port] of our data plane, renewed every dht_ttl / 4
         self._endpoint_renewal = dht_time() + options.dht_ttl / 4
         self._endpoints: Dict[int, Tuple[str, int]] = {}  # group-mates' data-plane endpoints, as read
         if options.transport == "tcp":
+            stage = time.monotonic()
             network.run(self._start_plane(), timeout=60)
+            self.start_stages["plane"] = time.monotonic() - stage
         self._heartbeat = network.run(self._start_heartbeat(), timeout=30)
 
     async def _make_servicer(self):
