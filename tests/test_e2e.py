@@ -114,6 +114,13 @@ def test_peers_stop_when_the_launcher_is_killed(tmp_path, data_dir, no_new_p2pd)
     proc = launch(run_dir, data_dir, rounds=500)
     wait_for_first_round(run_dir)
     family = descendants(proc.pid)  # forkserver, peers and their p2pd, before the launcher is gone
+    # the peers and their p2pds run below the launcher and its own DHT node, which serves them all
+    from mar_fl import PEER_NICE
+
+    base = os.getpriority(os.PRIO_PROCESS, proc.pid)
+    niceness = {pid: (psutil.Process(pid).ppid() == proc.pid, os.getpriority(os.PRIO_PROCESS, pid)) for pid in family}
+    assert sum(not own for own, _ in niceness.values()) >= 4  # two peers, two p2pds at least
+    assert all(nice == (base if own else base + PEER_NICE) for own, nice in niceness.values()), niceness
     proc.kill()
     proc.wait()
     try:
