@@ -1314,6 +1314,7 @@ async def async_barrier(
     reads: Dict[str, Optional[asyncio.Future]] = {"done": None, "arrivals": None, "dht": None}
     start = time.monotonic() if initial else math.inf
     next_read = {"done": start, "arrivals": start, "dht": time.monotonic()}
+    read_started: Dict[str, float] = {}
 
     def completions(copy: Mapping[str, Any]) -> Dict[int, Completion]:
         return {root: done for root, done in ((_barrier_index(s, limit), parse_completion(v, wanted, limit))
@@ -1342,6 +1343,7 @@ async def async_barrier(
             now = time.monotonic()
             for source, future in reads.items():
                 if not pushed and future is None and now >= next_read[source]:
+                    read_started[source] = now
                     reads[source] = asyncio.ensure_future(
                         _read_dht_copy(dht, key) if source == "dht"
                         else _read_initial_copies(dht, done_key if source == "done" else key, initial))
@@ -1355,8 +1357,8 @@ async def async_barrier(
                         if str(me) not in record and arrival.done():
                             arrival = _announce(dht, key, me, ttl, card=card)  # the initial peers' copies retry
                         next_read["dht"], pause = now + pause, min(2 * pause, max_delay)
-                    else:
-                        next_read[source] = now + every[source]
+                    else:  # spaced by its own duration too: a busy initial peer is not asked faster than it answers
+                        next_read[source] = now + max(every[source], now - read_started[source])
             if not pushed and wanted <= arrivals():
                 pushed, read_it = {me: read_from_record(wanted)}, True
             if pushed:
@@ -1431,12 +1433,14 @@ def _announce(dht: Any, key: str, me: int, ttl: float, initial: Sequence[Any] = 
         pause = 1.0
         try:
             while True:
+                tried = time.monotonic()
                 landed = await store_one(store_at(dht, peer_id, key, str(me), value, ttl=ttl))
                 if not first.done():
                     first.set_result(landed)
-                if landed or time.monotonic() + pause >= until:
+                wait = max(pause, time.monotonic() - tried)  # a store that timed out waits as long again
+                if landed or time.monotonic() + wait >= until:
                     return
-                await asyncio.sleep(pause)
+                await asyncio.sleep(wait)
                 pause = min(2 * pause, BARRIER_PUSH_RETRY)
         finally:
             if not first.done():

@@ -190,6 +190,48 @@ def test_an_arrival_whose_first_stores_on_the_initial_peer_failed_is_stored_ther
     assert sorted(tries) == ["0", "1", "2"] and min(tries.values()) == 3
 
 
+def test_an_arrival_store_that_timed_out_is_not_tried_again_sooner_than_it_took(monkeypatch):
+    # under a 1-CPU quota the 125 peers' retries (1, 2, 4, 5, 5 ... s apart) kept the initial peer so busy that
+    # 935 of 1,058 arrival stores and nearly every read there timed out: a store that took 8 s waits 8 s again
+    import asyncio
+
+    import peer_synchronization as ps
+
+    now, sleeps, tries = [0.0], [], []
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(ps, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
+
+    async def fake_sleep(seconds):
+        sleeps.append(seconds)
+        now[0] += seconds
+        await real_sleep(0)
+
+    async def busy_store_at(dht, peer_id, key, subkey, value, *, ttl):
+        tries.append(now[0])
+        now[0] += 8.0  # the initial peer answers after 8 s: too late
+        return False
+
+    async def lost_publish(dht, key, subkey, value, *, ttl):
+        return False
+
+    class FakeDHT:
+        peer_id = type("Id", (), {"to_bytes": staticmethod(lambda: b"me")})
+
+    monkeypatch.setattr(ps, "store_at", busy_store_at)
+    monkeypatch.setattr(ps, "publish", lost_publish)
+    monkeypatch.setattr(ps.asyncio, "sleep", fake_sleep)
+
+    async def main():
+        landed = await ps._announce(FakeDHT(), "k", 0, 60.0, [object()], until=100.0)
+        while ps._PUSHES:
+            await asyncio.gather(*list(ps._PUSHES))
+        return landed
+
+    assert asyncio.run(main()) is False
+    assert len(tries) >= 3 and all(b - a >= 16.0 for a, b in zip(tries, tries[1:])), tries
+    assert sleeps and min(sleeps) >= 8.0 and tries[-1] <= 100.0
+
+
 def test_the_initial_peers_copy_of_the_arrivals_is_read_less_often_than_their_copy_of_the_completion(
         networks, monkeypatch):
     # the arrivals copy holds one checked subkey per peer: read as often as the (small) completion, 125 waiting
