@@ -247,13 +247,8 @@ def test_tcp_peers_reach_the_exact_mean_and_count_every_byte(tmp_path, bootstrap
         assert abs(report["sent"] - framed) <= ni * 2 * (gs - 1) * 4, (report["sent"], framed)
 
 
-def test_a_straggler_is_waited_for_when_stragglers_are_expected(tmp_path, bootstrap):
-    # peer 3 comes 15 s late, far past the 3-s matchmaking deadline; the others were told to expect stragglers
-    # (as a peer is after a long training) and still meet it in their first group, and then everyone in theirs
-    def more(i):
-        return ["--matchmaking-timeout", "3", "--patience", "30"] + (["--late", "15"] if i == 3 else [])
-
-    codes = run_peers(tmp_path, bootstrap, live=[0, 1, 2, 3], num_peers=4, gs=2, ni=2, more=more)
+def assert_four_peers_met_in_pairs_with_the_exact_mean(tmp_path, codes):
+    """Peers 0-3 (gs 2, ni 2) all exited 0, met a group-mate in both steps and hold the exact global mean."""
     assert codes == {i: 0 for i in range(4)}
     target = mean_of(range(4))
     for i in range(4):
@@ -261,6 +256,16 @@ def test_a_straggler_is_waited_for_when_stragglers_are_expected(tmp_path, bootst
         assert [len(m) for m in report["members"]] == [2, 2] and report["failed_steps"] == 0, report
         for got, want in zip(tensors, target):
             assert (got - want).abs().max().item() < 1e-5
+
+
+def test_a_straggler_is_waited_for_when_stragglers_are_expected(tmp_path, bootstrap):
+    # peer 3 comes 15 s late, far past the 3-s matchmaking deadline; the others were told to expect stragglers
+    # (as a peer is after a long training) and still meet it in their first group, and then everyone in theirs
+    def more(i):
+        return ["--matchmaking-timeout", "3", "--patience", "30"] + (["--late", "15"] if i == 3 else [])
+
+    codes = run_peers(tmp_path, bootstrap, live=[0, 1, 2, 3], num_peers=4, gs=2, ni=2, more=more)
+    assert_four_peers_met_in_pairs_with_the_exact_mean(tmp_path, codes)
 
 
 def test_the_straggler_patience_is_one_budget_for_all_of_a_rounds_steps(monkeypatch):
@@ -287,13 +292,7 @@ def test_group_mates_whose_endpoint_records_never_landed_are_dialled_all_the_sam
     # some group-mates' records for minutes): the endpoints the start barrier carried are enough to meet
     codes = run_peers(tmp_path, bootstrap, live=list(range(4)), num_peers=4, gs=2, ni=2,
                       more=lambda i: ["--hide-endpoint"])
-    assert codes == {i: 0 for i in range(4)}
-    target = mean_of(range(4))
-    for i in range(4):
-        tensors, report = load_result(tmp_path, i)
-        assert [len(m) for m in report["members"]] == [2, 2] and report["failed_steps"] == 0, report
-        for got, want in zip(tensors, target):
-            assert (got - want).abs().max().item() < 1e-5
+    assert_four_peers_met_in_pairs_with_the_exact_mean(tmp_path, codes)
 
 
 def test_tcp_absent_peer_falls_back_to_the_dht_and_does_not_block(tmp_path, bootstrap):
