@@ -46,8 +46,9 @@ CHECKPOINTS_KEPT = 3
 MAX_RESTARTS = 3  # per peer, with --restart-dead
 # Peers run at this niceness, their launcher at its own: the launcher's DHT node is every peer's initial peer, and
 # all of them store and read the start barrier there. On two cores shared with 125 peers at the same niceness it
-# got 1/250 of the CPU, and its answers took 7 s on average (the start barrier: 13-28 s after the last peer was
-# ready; at nice 5, 2.6-3 s and 14 s). The peers' shares among themselves do not change.
+# got 1/250 of the CPU: its answers took 3.7-7 s on average and the last peer left the start barrier 28 s after
+# the last one was ready (at nice 5: answers in 2.6-3 s, the barrier 14 s). The peers' shares among themselves
+# do not change.
 PEER_NICE = 5
 TIMING_KEYS = ("round_seconds", "train_seconds", "aggregation_seconds", "elapsed_seconds", "wait_seconds")
 _PRELOAD = ["torch", "torchvision", "hivemind", "ml_tasks", "moshpit_all_reduce", "peer_aggregation_logic",
