@@ -702,7 +702,7 @@ class AveragerOptions:
 
 
 MAX_PEER_ID_BYTES = 64
-ENDPOINT_RETRY = 3.0  # a data-plane endpoint that could not be stored is stored again this soon
+ENDPOINT_RETRY = 3.0  # a data-plane endpoint that could not be stored is stored again this soon (doubling each time)
 HEARTBEAT_SECONDS_PER_PEER = 0.25  # every beat is a DHT store on the same few nodes: N peers beat every 0.25 N s
 
 
@@ -850,16 +850,19 @@ class MoshpitAverager:
         endpoint, alive = Renewal(self.network.dht, self._endpoint_key()), Renewal(self.network.dht, self._alive_key())
 
         async def beat_forever():
+            retry = ENDPOINT_RETRY
             while True:
                 pause = self.options.heartbeat_interval
                 try:
                     if self._endpoint is not None and dht_time() >= self._endpoint_renewal:
                         if await self.network.store_shared(self._endpoint_key(), str(self.options.index),
                                                            self._endpoint, ttl=self.options.dht_ttl, renewal=endpoint):
-                            self._endpoint_renewal = dht_time() + self.options.dht_ttl / 4
-                        else:  # no node took it: without it no group-mate can dial us, so try again soon
-                            logger.debug("data-plane endpoint not stored; again in %.0f s", ENDPOINT_RETRY)
-                            pause = min(pause, ENDPOINT_RETRY)
+                            self._endpoint_renewal, retry = dht_time() + self.options.dht_ttl / 4, ENDPOINT_RETRY
+                        else:  # no node took it: tried again soon, but with backoff (the start barrier carried
+                            # it to the peers there; 125 peers retrying every 3 s kept the initial peer overloaded)
+                            logger.debug("data-plane endpoint not stored; again in %.0f s", retry)
+                            self._endpoint_renewal, pause = dht_time() + retry, min(pause, retry)
+                            retry = min(2 * retry, self.options.dht_ttl / 4)
                     beat = [dht_time(), self._round or 0, self.network.p2p.peer_id.to_bytes()]
                     await alive.store(str(self.options.index), beat, ttl=4 * self.options.heartbeat_interval)
                 except Exception as e:  # noqa: BLE001 - the next beat retries

@@ -1427,12 +1427,12 @@ async def _read_dht_copy(dht: Any, key: str) -> Dict[str, Any]:
 def _announce(dht: Any, key: str, me: int, ttl: float, initial: Sequence[Any] = (), *,
               until: float = math.inf, card: Optional[List[Any]] = None) -> asyncio.Future:
     """Store our arrival under ``key`` in the background (the value: our peer id, where a completion is pushed,
-    and our ``card`` if any),
-    in the DHT and straight on the ``initial`` peers, each try bounded by :data:`DHT_READ_TIMEOUT`; the future's
-    result says whether some node took it (the DHT copy, or an initial peer at its first try).
+    and our ``card`` if any), in the DHT and straight on the ``initial`` peers, each try bounded by
+    :data:`DHT_READ_TIMEOUT`; the future's result says whether some node took it (the DHT copy, or an initial
+    peer at its first try).
 
-    A copy on an initial peer that did not land is tried again (1, 2, 4, 5, 5 ... s apart) until it does or
-    ``until`` passes, on its own: every waiting peer reads those copies every few seconds, the DHT's only rarely.
+    A copy on an initial peer that did not land is tried again (1, 2, 4, 5, 5 ... s apart, and never sooner than
+    the last try took) until it does or ``until`` passes, on its own: every waiting peer reads those copies every few seconds, the DHT's only rarely.
     At 125 peers more than half of the DHT stores of a start's first 20 s failed, and an arrival whose DHT copy
     had landed was never stored on the initial peers again: the others saw it only in their rare DHT reads."""
     value = dht.peer_id.to_bytes() if card is None else [dht.peer_id.to_bytes(), card]

@@ -295,6 +295,54 @@ def test_group_mates_whose_endpoint_records_never_landed_are_dialled_all_the_sam
     assert_four_peers_met_in_pairs_with_the_exact_mean(tmp_path, codes)
 
 
+def test_an_endpoint_record_that_does_not_land_is_stored_again_with_backoff(monkeypatch):
+    # the start barrier carries the endpoints, so a record no node takes need not be retried every 3 s: 125 peers
+    # doing so kept the initial peer (the launcher's node) overloaded under a one-core CPU quota
+    import moshpit_all_reduce as mar
+
+    now, stores = [0.0], []
+    real_sleep = asyncio.sleep
+
+    async def fake_sleep(seconds):
+        now[0] += seconds
+        await real_sleep(0)
+
+    class FakeRenewal:
+        def __init__(self, dht, key):
+            pass
+
+        async def store(self, subkey, value, *, ttl):
+            return True
+
+    class FakeNetwork:
+        dht = None
+        p2p = type("P2P", (), {"peer_id": type("Id", (), {"to_bytes": staticmethod(lambda: b"me")})})
+
+        async def store_shared(self, key, subkey, value, *, ttl, renewal=None):
+            stores.append(now[0])
+            return False  # no node takes it
+
+    monkeypatch.setattr(mar, "dht_time", lambda: now[0])
+    monkeypatch.setattr(mar, "Renewal", FakeRenewal)
+    monkeypatch.setattr(mar.asyncio, "sleep", fake_sleep)
+    averager = object.__new__(MoshpitAverager)
+    averager.network, averager._round = FakeNetwork(), 1
+    averager.options = AveragerOptions(prefix="t", index=0, num_peers=4, transport="tcp", heartbeat_interval=5.0)
+    averager._endpoint, averager._endpoint_renewal = ["127.0.0.1", 4000], 0.0
+
+    async def main():
+        task = await averager._start_heartbeat()
+        while now[0] < 120.0:
+            await real_sleep(0)
+        task.cancel()
+
+    asyncio.run(main())
+    gaps = [b - a for a, b in zip(stores, stores[1:])]
+    assert len(stores) >= 4 and gaps[0] >= mar.ENDPOINT_RETRY, stores
+    assert all(later > earlier for earlier, later in zip(gaps, gaps[1:]) if later < averager.options.dht_ttl / 4), gaps
+    assert len(stores) <= 7, stores  # 3, 6, 12, 24, 48 s apart (every 3 s: 40 stores in 120 s)
+
+
 def test_tcp_absent_peer_falls_back_to_the_dht_and_does_not_block(tmp_path, bootstrap):
     survivors = list(range(N - 1))  # peer 7 is a participant but never shows up
     codes = run_peers(tmp_path, bootstrap, live=survivors)
