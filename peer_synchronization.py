@@ -1432,7 +1432,8 @@ def _announce(dht: Any, key: str, me: int, ttl: float, initial: Sequence[Any] = 
     peer at its first try).
 
     A copy on an initial peer that did not land is tried again (1, 2, 4, 5, 5 ... s apart, and never sooner than
-    the last try took) until it does or ``until`` passes, on its own: every waiting peer reads those copies every few seconds, the DHT's only rarely.
+    the last try took) until it does or ``until`` passes, on its own: every waiting peer reads those copies every
+    few seconds, the DHT's only rarely.
     At 125 peers more than half of the DHT stores of a start's first 20 s failed, and an arrival whose DHT copy
     had landed was never stored on the initial peers again: the others saw it only in their rare DHT reads."""
     value = dht.peer_id.to_bytes() if card is None else [dht.peer_id.to_bytes(), card]
