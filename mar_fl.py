@@ -499,18 +499,21 @@ class ControlReader:
     """
 
     def __init__(self, network, prefix: str):
+        from peer_synchronization import RepeatedRead
+
         self.network, self.key = network, control_key(prefix)
+        self._reader = RepeatedRead(network.dht, self.key)  # the key's nodes, read directly: no search a round
         self._read: Optional[concurrent.futures.Future] = None
 
     def stop_requested(self, state: PeerState, round_index: int) -> bool:
-        from peer_synchronization import DHT_READ_TIMEOUT, read_subkeys
+        from peer_synchronization import DHT_READ_TIMEOUT
 
         if self._read is not None:
             try:  # started a round ago: normally done; else bounded by the read's own deadline
                 self._apply(state, self._read.result(timeout=DHT_READ_TIMEOUT + 5))
             except Exception as e:  # noqa: BLE001 - a missed read only delays the stop by a round
                 logger.warning("control read failed: %r", e)
-        self._read = asyncio.run_coroutine_threadsafe(read_subkeys(self.network.dht, self.key), self.network.loop)
+        self._read = asyncio.run_coroutine_threadsafe(self._reader.read(), self.network.loop)
         return state.stop_after is not None and round_index > state.stop_after
 
     @staticmethod

@@ -78,6 +78,7 @@ from peer_synchronization import (
     PeerNetwork,
     PlaneError,
     Renewal,
+    RepeatedRead,
     TcpPlane,
     dht_poll_pause,
     dht_time,
@@ -87,7 +88,6 @@ from peer_synchronization import (
     poll_until,
     publish,
     reachable_host,
-    read_subkeys,
 )
 
 logger = logging.getLogger("mar_fl.mar")
@@ -820,6 +820,7 @@ class MoshpitAverager:
         self._timed_out = False
         self._patience_until = -math.inf  # until when steps wait longer for group-mates (:meth:`wait_for_stragglers`)
         self._prefetch: Optional[concurrent.futures.Future] = None  # a background read of data-plane endpoints
+        self._alive_reader: Optional[RepeatedRead] = None  # the heartbeats, read from their key's nodes
         self.start_stages: Dict[str, float] = {}  # seconds each step of the start took (handlers, plane)
         stage = time.monotonic()
         self.servicer = network.run(self._make_servicer(), timeout=60)
@@ -943,7 +944,9 @@ class MoshpitAverager:
 
     def read_heartbeats(self) -> Dict[int, "Heartbeat"]:
         """The unexpired liveness records: who runs, at which round, under which peer id."""
-        record = self.network.run(read_subkeys(self.network.dht, self._alive_key()), timeout=30)
+        if self._alive_reader is None:
+            self._alive_reader = RepeatedRead(self.network.dht, self._alive_key())
+        record = self.network.run(self._alive_reader.read(timeout=25), timeout=30)
         beats = {}
         for subkey, value in record.items():
             index, beat = parse_index(subkey, self.options.num_peers), Heartbeat.parse(value)

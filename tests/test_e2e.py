@@ -166,6 +166,23 @@ def assert_idle_peers_waited_for_the_round(run_dir, participants_of):
         assert ("wait_seconds" in row) == (len(participants) < len(records))
 
 
+def test_a_stop_decided_by_the_launcher_reaches_every_peer_at_the_same_round(tmp_path, data_dir, no_new_p2pd):
+    """A met --target-acc: the launcher publishes the last round (the newest it has seen + 2) under the control
+    key, every peer reads it straight from the key's nodes once a round, and all of them stop after that round."""
+    run_dir = tmp_path / "target"
+    proc = launch(run_dir, data_dir, "--target-acc", "1", "--tf", "1", rounds=12)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-2000:]
+    rows = read_metrics(run_dir)
+    last = rows[-1]["round"]
+    assert 3 <= last <= 4 and [r["round"] for r in rows] == list(range(1, last + 1))
+    for index in range(4):
+        with open(run_dir / "peers" / f"peer_{index:04d}.jsonl") as f:
+            assert [json.loads(line)["round"] for line in f] == list(range(1, last + 1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == last
+
+
 @pytest.mark.parametrize("up, ap", [(50, 50), (100, 50)], ids=["same-peers", "train-without-aggregating"])
 def test_peers_that_sit_a_round_out_do_not_run_ahead(tmp_path, data_dir, no_new_p2pd, up, ap):
     """--up 50 --ap 50 (and --ap below --up): peers that do not aggregate in a round wait until the round's

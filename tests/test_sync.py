@@ -666,6 +666,64 @@ def test_a_renewed_record_is_stored_on_its_keys_nodes_without_a_new_search(no_ne
             net.shutdown()
 
 
+def test_a_record_read_again_and_again_is_read_from_its_keys_nodes_without_a_new_search(no_new_p2pd, monkeypatch):
+    # the launcher's control record is read by every peer every round: a search each time (≈ 20 find calls at
+    # 64 peers) was most of the DHT's traffic during a round; the key's nodes are found once and asked directly
+    import peer_synchronization as ps
+    from peer_synchronization import Renewal, RepeatedRead, store_at
+
+    boot = PeerNetwork(NetworkOptions()).start()
+    nets = [boot] + [PeerNetwork(NetworkOptions(initial_peers=boot.visible_maddrs())).start() for _ in range(5)]
+    writer, reader = nets[1], nets[2]
+    holders = [boot] + nets[2:]  # five nodes, the reader among them (its own copy costs no call)
+    searches, finds, full_reads = [], [], []
+
+    async def search(queries, **kwargs):
+        searches.append(queries)
+        return {query: {n.dht.node_id: n.dht.peer_id for n in holders} for query in queries}
+
+    real_find, real_read = reader.dht.protocol.call_find, ps.read_subkeys
+
+    async def counted_find(*args, **kwargs):
+        finds.append(args[0])
+        return await real_find(*args, **kwargs)
+
+    async def counted_full_read(*args, **kwargs):
+        full_reads.append(args[1])
+        return await real_read(*args, **kwargs)
+
+    for net in (writer, reader):
+        monkeypatch.setattr(net.dht, "find_nearest_nodes", search)
+        assert net.run(net.await_addresses([n.dht.peer_id.to_bytes() for n in holders], patience=30), timeout=60)
+    monkeypatch.setattr(reader.dht.protocol, "call_find", counted_find)
+    monkeypatch.setattr(ps, "read_subkeys", counted_full_read)
+    renewal, read = Renewal(writer.dht, "run.read"), RepeatedRead(reader.dht, "run.read")
+    try:
+        for beat in range(4):
+            assert writer.run(renewal.store("0", [beat, b"id"], ttl=60), timeout=30)
+            assert reader.run(read.read(), timeout=30) == {"0": [beat, b"id"]}
+        assert len(searches) == 2  # one for the writer's renewals, one for the reader's reads
+        assert len(finds) == 4 * (len(holders) - 1) and full_reads == []
+        # two nodes hold different values of one subkey: the newest copy wins, whichever node answers first
+        assert writer.run(store_at(writer.dht, boot.dht.peer_id, "run.read", "1", "older", ttl=60), timeout=30)
+        assert writer.run(store_at(writer.dht, nets[3].dht.peer_id, "run.read", "1", "newer", ttl=90), timeout=30)
+        assert reader.run(read.read(), timeout=30)["1"] == "newer"
+        # a node gone: the others' copies are read, and the next read looks for the key's nodes again
+        nets[4].shutdown()
+        assert reader.run(read.read(), timeout=60)["0"] == [3, b"id"]
+        assert len(searches) == 2 and full_reads == []
+        assert reader.run(read.read(), timeout=60)["0"] == [3, b"id"]
+        assert len(searches) == 3
+        # most of the key's nodes silent: the read is a full search instead
+        nets[3].shutdown()
+        nets[5].shutdown()
+        reader.run(read.read(timeout=15), timeout=60)
+        assert full_reads == ["run.read"]
+    finally:
+        for net in nets:
+            net.shutdown()
+
+
 def test_an_address_record_that_did_not_land_is_stored_again_soon(monkeypatch):
     # the renewal comes only every TTL / 3 (200 s); a first store that no node took is tried again in seconds
     import asyncio
