@@ -37,6 +37,7 @@ import hashlib
 import logging
 import math
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import (
@@ -590,6 +591,35 @@ class SharedTensors:
             self.served.set()
 
 
+class Snapshot:
+    """A peer's newest aggregated tensors, kept for a restarted peer to fetch (``rpc_snapshot``): copied every round
+    into the same buffers, serialized only when a member asks. Serializing every round cost each peer ≈ 10 ms of
+    CPU, all peers at the same moment (64 peers: a third of a second of both cores). A lock keeps a fetch from
+    reading a copy half-way through the next round's."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._round: Optional[int] = None
+        self._tensors: List[torch.Tensor] = []
+
+    def keep(self, round_index: int, tensors: Sequence[torch.Tensor]) -> None:
+        """Copy ``tensors`` (this round's aggregated values) as the snapshot of ``round_index``."""
+        with self._lock:
+            if [(t.shape, t.dtype) for t in self._tensors] != [(t.shape, t.dtype) for t in tensors]:
+                self._tensors = [torch.empty(t.shape, dtype=t.dtype) for t in tensors]
+            for kept, tensor in zip(self._tensors, tensors):
+                kept.copy_(tensor.detach())
+            self._round = round_index
+
+    def chunks(self) -> Optional[Tuple[int, List[Any]]]:
+        """``(round, serialized chunks)`` of the snapshot; None before the first round."""
+        with self._lock:
+            if self._round is None:
+                return None
+            return self._round, [chunk for tensor in self._tensors for chunk in split_for_streaming(
+                serialize_torch_tensor(tensor, NoCompression().compression_type))]
+
+
 class MoshpitServicer(ServicerBase):
     """Routes incoming all-reduce / all-gather streams to the group they belong to (keyed by group id)."""
 
@@ -598,7 +628,7 @@ class MoshpitServicer(ServicerBase):
         self.shared: Dict[bytes, SharedTensors] = {}
         self.registered = asyncio.Condition()
         self.wait_timeout = 30.0
-        self.snapshot: Optional[Tuple[int, List[Any]]] = None  # (round, chunks) for peers that rejoin
+        self.snapshot = Snapshot()  # the newest aggregated tensors, for peers that rejoin
         self.is_member: Callable[[PeerID], Awaitable[bool]] = _nobody
 
     async def _lookup(self, table: Dict[bytes, Any], group_id: bytes) -> Optional[Any]:
@@ -664,8 +694,8 @@ class MoshpitServicer(ServicerBase):
         self, request: averaging_pb2.AveragingData, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         """The newest aggregated model, for a member of the run (its address record is authenticated)."""
-        snapshot = self.snapshot
-        if snapshot is None or not await self.is_member(context.remote_id):
+        snapshot = await self.is_member(context.remote_id) and self.snapshot.chunks()
+        if not snapshot:
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         round_index, chunks = snapshot
@@ -1163,10 +1193,8 @@ class MoshpitAverager:
     # ---------- rejoining after a restart ----------
 
     def share_snapshot(self, round_index: int, tensors: Sequence[torch.Tensor]) -> None:
-        """Keep a serialized copy of this round's aggregated tensors for a restarted peer to fetch."""
-        chunks = [chunk for tensor in tensors for chunk in split_for_streaming(
-            serialize_torch_tensor(tensor.detach().cpu(), NoCompression().compression_type))]
-        self.servicer.snapshot = (round_index, chunks)
+        """Keep a copy of this round's aggregated tensors for a restarted peer to fetch (:class:`Snapshot`)."""
+        self.servicer.snapshot.keep(round_index, tensors)
 
     def fetch_snapshot(self, like: Sequence[torch.Tensor]) -> Optional[Tuple[int, List[torch.Tensor]]]:
         """The newest aggregated tensors of a live peer: ``(round, tensors)``, checked against ``like``."""

@@ -121,6 +121,7 @@ def test_strangers_get_no_model_and_cannot_join_an_exchange(closed_run):
                                          SharedTensors(chunks, _Traffic(), frozenset(m.peer_id for m in members)))
 
     member.run(register(), timeout=30)
+    averager.share_snapshot(3, [secret_model])  # what a restarted member would fetch
 
     async def steal():
         from hivemind.utils.multiaddr import Multiaddr
@@ -131,12 +132,41 @@ def test_strangers_get_no_model_and_cannot_join_an_exchange(closed_run):
         await stranger.p2p._client.connect(member.p2p.peer_id, addrs)
         stub = MoshpitServicer.get_stub(stranger.p2p, member.p2p.peer_id, namespace="closed")
         stream = await stub.rpc_gather(averaging_pb2.AveragingData(group_id=group_id))
-        return [msg async for msg in stream]
+        snapshot = await stub.rpc_snapshot(averaging_pb2.AveragingData())
+        return [msg async for msg in stream], [msg async for msg in snapshot]
 
-    replies = stranger.run(asyncio.wait_for(steal(), 30), timeout=40)
-    assert all(msg.code != averaging_pb2.AVERAGED_PART for msg in replies)
-    assert replies and replies[0].code == averaging_pb2.PROTOCOL_VIOLATION
+    for replies in stranger.run(asyncio.wait_for(steal(), 30), timeout=40):
+        assert all(msg.code != averaging_pb2.AVERAGED_PART for msg in replies)
+        assert replies and replies[0].code == averaging_pb2.PROTOCOL_VIOLATION
     averager.close()
+
+
+def test_a_snapshot_is_a_copy_of_its_round_serialized_only_when_asked():
+    # a restarted peer fetches the newest aggregated model from a live one; it is copied every round into the
+    # same buffers, and what a fetch serialized is not changed by the rounds after it
+    from hivemind.compression import deserialize_torch_tensor
+    from hivemind.utils.streaming import combine_from_streaming
+
+    from moshpit_all_reduce import Snapshot, _regroup
+
+    def served(snapshot):
+        round_index, chunks = snapshot.chunks()
+        return round_index, [deserialize_torch_tensor(t) for t in _regroup(chunks, combine_from_streaming)]
+
+    snapshot, model = Snapshot(), [torch.randn(3, 4), torch.randn(700_000)]
+    assert snapshot.chunks() is None  # nothing before the first round
+    snapshot.keep(1, model)
+    first = served(snapshot)
+    buffers = [t.data_ptr() for t in snapshot._tensors]
+    old = [t.clone() for t in model]
+    for t in model:
+        t.add_(1.0)  # the next round trains in place
+    assert served(snapshot)[0] == 1 and all(torch.equal(a, b) for a, b in zip(served(snapshot)[1], old))
+    snapshot.keep(2, model)
+    assert [t.data_ptr() for t in snapshot._tensors] == buffers
+    assert first[0] == 1 and all(torch.equal(a, b) for a, b in zip(first[1], old))
+    second = served(snapshot)
+    assert second[0] == 2 and all(torch.equal(a, b) for a, b in zip(second[1], model))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
