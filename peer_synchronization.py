@@ -98,6 +98,8 @@ BARRIER_PASS_ON = 2.0
 CARD_ITEMS, CARD_TEXT = 4, 64  # a barrier card: at most this many ints and strings of at most this many chars
 DHT_POLL_PER_PEER = 0.01  # see dht_poll_pause
 RENEWAL_SEARCH_EVERY = 120.0  # a record renewed again and again looks for its key's nodes again this often
+FEW_NODES_REFRESH = 5.0  # ... and this often while it knows fewer of them than the key should live on
+BARRIER_NODES_REFRESH = 30.0  # ... a barrier's, whose peers' views of the DHT settle while it runs, this often
 ADDRESS_RETRY = 3.0  # an address record that no node took is stored again after this (doubling each time)
 ADDRESS_START_PATIENCE = 3.0  # a peer's start waits this long at most for its address record to be stored
 ADDRESS_REFRESH_MIN_INTERVAL = 1.0  # re-read the address records at most this often when a peer is unknown
@@ -1130,26 +1132,36 @@ async def store_at(dht: Any, peer_id: Any, key: str, subkey: str, value: Any, *,
 
 class KeyNodes:
     """The nodes that hold ``key`` (its nearest nodes; this node's own id may be among them): found by one search
-    and reused until :meth:`forget` or until :data:`RENEWAL_SEARCH_EVERY` seconds pass (nodes that joined since
-    may be nearer by then).
+    and reused until :meth:`forget` or until ``refresh`` seconds pass (nodes that joined since may be nearer by
+    then; :data:`FEW_NODES_REFRESH` seconds when the search found fewer nodes than the key should live on).
 
     :param dht: this peer's ``DHTNode``
     :param key: the record's key
+    :param refresh: seconds after which the key's nodes are looked up again
     """
 
-    def __init__(self, dht: Any, key: str):
+    def __init__(self, dht: Any, key: str, *, refresh: float = RENEWAL_SEARCH_EVERY):
         from hivemind.dht.routing import DHTID
 
-        self.dht, self.key, self.key_id = dht, key, DHTID.generate(source=key)
+        self.dht, self.key, self.key_id, self.refresh = dht, key, DHTID.generate(source=key), refresh
         self._nodes: Dict[Any, Any] = {}  # DHTID -> PeerID
         self._found_at = -math.inf
+        self._search: Optional[asyncio.Future] = None  # a search under way, which concurrent callers share
 
     async def get(self) -> Dict[Any, Any]:
         """``{node id: peer id}`` of the key's nodes (one search when none are known or they are old)."""
-        if not self._nodes or time.monotonic() - self._found_at > RENEWAL_SEARCH_EVERY:
-            found = await self.dht.find_nearest_nodes([self.key_id], k_nearest=self.dht.num_replicas,
-                                                      beam_size=DHT_STORE_BEAM)
-            self._nodes, self._found_at = dict(found.get(self.key_id, {})), time.monotonic()
+        # fewer nodes than the key lives on: a young routing table (or a small run) may know more soon
+        fresh = self.refresh if len(self._nodes) >= self.dht.num_replicas else min(self.refresh, FEW_NODES_REFRESH)
+        if self._nodes and time.monotonic() - self._found_at <= fresh:
+            return self._nodes
+        if self._search is None or self._search.done():
+            self._search = asyncio.ensure_future(self._find())
+        return await asyncio.shield(self._search)
+
+    async def _find(self) -> Dict[Any, Any]:
+        found = await self.dht.find_nearest_nodes([self.key_id], k_nearest=self.dht.num_replicas,
+                                                  beam_size=DHT_STORE_BEAM)
+        self._nodes, self._found_at = dict(found.get(self.key_id, {})), time.monotonic()
         return self._nodes
 
     def forget(self) -> None:
@@ -1164,10 +1176,11 @@ class Renewal:
 
     :param dht: this peer's ``DHTNode``
     :param key: the record's key; :meth:`store` takes the subkey
+    :param nodes: the key's nodes, shared with this peer's reads of the key (default: looked up on their own)
     """
 
-    def __init__(self, dht: Any, key: str):
-        self.dht, self.nodes = dht, KeyNodes(dht, key)
+    def __init__(self, dht: Any, key: str, *, nodes: Optional[KeyNodes] = None):
+        self.dht, self.nodes = dht, nodes or KeyNodes(dht, key)
 
     async def store(self, subkey: str, value: Any, *, ttl: float) -> bool:
         """Store ``subkey``: ``value``; True when at least one of the key's nodes took it."""
@@ -1175,18 +1188,17 @@ class Renewal:
         nodes = await self.nodes.get()
         value_bytes = _signed(self.dht, key_id, subkey, value, expiration)
 
-        async def one(node_id, peer_id) -> bool:
+        async def one(node_id, peer_id) -> Optional[bool]:  # None: no answer
             if node_id == self.dht.node_id:
                 return self.dht.protocol.storage.store_subkey(key_id, subkey, value_bytes, expiration)
             stored = await self.dht.protocol.call_store(peer_id, keys=[key_id], values=[value_bytes],
                                                         expiration_time=[expiration], subkeys=[subkey])
-            return bool(stored and stored[0])
+            return None if not stored else bool(stored[0])
 
         outcomes = await asyncio.gather(*(one(n, p) for n, p in nodes.items()), return_exceptions=True)
-        stored = sum(outcome is True for outcome in outcomes)
-        if stored < max(len(outcomes), self.dht.num_replicas):  # a node is gone, busy or refused, or the search
-            self.nodes.forget()  # found fewer nodes than the key should live on
-        return stored > 0
+        if any(outcome is None or isinstance(outcome, BaseException) for outcome in outcomes):
+            self.nodes.forget()  # a node is gone or too busy to answer (one that refused, holding a newer copy, is not)
+        return any(outcome is True for outcome in outcomes)
 
 
 class RepeatedRead:
@@ -1196,14 +1208,16 @@ class RepeatedRead:
     record alone, read once a round by every peer, made four fifths of the DHT's calls during a round.
 
     A subkey that several nodes hold is taken from the newest copy. A read that fewer than half of the nodes
-    answered is a full search instead (:func:`read_subkeys`), and the nodes are looked up again next time.
+    answered is a full search instead (:func:`read_subkeys`), and the nodes are looked up again next time (else
+    when their ``refresh`` time has passed).
 
     :param dht: this peer's ``DHTNode``
     :param key: the record's key
+    :param nodes: the key's nodes, shared with this peer's stores of the key (default: looked up on their own)
     """
 
-    def __init__(self, dht: Any, key: str):
-        self.dht, self.nodes = dht, KeyNodes(dht, key)
+    def __init__(self, dht: Any, key: str, *, nodes: Optional[KeyNodes] = None):
+        self.dht, self.nodes = dht, nodes or KeyNodes(dht, key)
 
     async def read(self, *, timeout: float = DHT_READ_TIMEOUT) -> Dict[str, Any]:
         """All subkeys of the key with their values; raises ``asyncio.TimeoutError`` past ``timeout``."""
@@ -1215,8 +1229,6 @@ class RepeatedRead:
         if 2 * len(answered) < max(len(nodes), 1):
             self.nodes.forget()
             return await read_subkeys(self.dht, self.nodes.key, timeout=max(0.1, deadline - time.monotonic()))
-        if len(answered) < len(nodes):
-            self.nodes.forget()
         newest: Dict[str, Tuple[Any, float]] = {}
         for copy in answered:
             for subkey, (value, expiration) in copy.items():
@@ -1372,29 +1384,33 @@ async def async_barrier(
 ) -> FrozenSet[int]:
     """Announce ``me`` under ``key`` and wait until all ``expected`` indices arrived or ``timeout`` passes.
 
-    Arrivals are subkeys of ``key`` (the value: the arriving node's peer id, with our ``card`` if given: a few
-    small values every other peer learns with the completion, see :func:`parse_card`; ``cards`` is filled with
-    the cards of the arrivals we learn of). A peer reads the whole record
-    right after its own arrival and then rarely (at most every ``max_delay`` s; by default 0.1 s per expected
-    peer: every read visits several nodes and returns every arrival, and 125 peers reading every 2.5 s kept two
-    cores busy for minutes). Whoever reads a complete record pushes the list of arrivals to the root of the
-    barrier's one tree (:func:`completion_root`, :func:`tree_children`), and every peer that learns of it pushes
-    it on to its children: one direct store per child into ``{key}.done`` on the child's own node; a peer checks
-    that local copy, at no cost, every 0.2 s. A lost push only costs its subtree the slower reads. Whoever read
-    the record complete also stores the completion on the ``initial`` peers (their peer ids), and every read
-    also asks them: a peer whose pushes were all lost and whose own reads never showed every arrival (at 125
-    peers, 4-5 of them waited out the 10-minute start deadline) learns it there within one read. Arrivals are
-    stored on the initial peers too, and read there (one RPC for the whole record): at 125 peers on two cores
-    the DHT's copies took 7-10 minutes to show every arrival to anybody. Their copy of the completion is read
-    every 0.01 s per expected peer (0.2 … 2 s), their copy of the arrivals every 0.05 s per expected peer, each
-    apart from the DHT read: waiting for a DHT search that was under way when the completion landed on the
-    initial peers kept some of 64 peers 10 s longer in the start barrier.
+    Arrivals are subkeys of ``key`` (the value: the arriving node's peer id, with our ``card`` if given: a few small
+    values every other peer learns with the completion, see :func:`parse_card`; ``cards`` is filled with the cards
+    of the arrivals we learn of). A peer reads the whole record right after its own arrival and then rarely (at most
+    every ``max_delay`` s; by default 0.1 s per expected peer: every read returns every arrival, and 125 peers
+    reading every 2.5 s kept two cores busy for minutes). Its stores and reads of the record go straight to the
+    key's nodes, found by one search every :data:`BARRIER_NODES_REFRESH` s (:class:`KeyNodes`): under a one-core
+    quota at 125 peers, 954 reads that were each a search (≈ 40 RPCs) made most of the DHT's calls during the start
+    barrier. Whoever reads a complete record pushes the list of arrivals to the root of the barrier's one tree
+    (:func:`completion_root`, :func:`tree_children`), and every peer that learns of it pushes it on to its children:
+    one direct store per child into ``{key}.done`` on the child's own node; a peer checks that local copy, at no
+    cost, every 0.2 s. A lost push only costs its subtree the slower reads. Whoever read the record complete also
+    stores the completion on the ``initial`` peers (their peer ids), and every read also asks them: a peer whose
+    pushes were all lost and whose own reads never showed every arrival (at 125 peers, 4-5 of them waited out the
+    10-minute start deadline) learns it there within one read. Arrivals are stored on the initial peers too, and
+    read there (one RPC for the whole record): at 125 peers on two cores the DHT's copies took 7-10 minutes to show
+    every arrival to anybody. Their copy of the completion is read every 0.01 s per expected peer (0.2 … 2 s), their
+    copy of the arrivals every 0.05 s per expected peer, each apart from the DHT read: waiting for a DHT search that
+    was under way when the completion landed on the initial peers kept some of 64 peers 10 s longer in the start
+    barrier.
     """
     deadline = time.monotonic() + timeout
     # no DHT call holds the barrier: on an overloaded DHT (125 peers on 2 cores) one store or read could outlast
     # its deadline (a peer that had finished every round died of its end barrier), and an arrival whose store
     # did not land (its key's nodes too busy to answer) is stored again whenever a read does not show it
-    arrival = _announce(dht, key, me, ttl, initial, until=deadline, card=card)
+    nodes = KeyNodes(dht, key, refresh=BARRIER_NODES_REFRESH)  # one search serves our stores and reads of the key
+    reader = RepeatedRead(dht, key, nodes=nodes)
+    arrival = _announce(dht, key, me, ttl, initial, until=deadline, card=card, nodes=nodes)
     wanted = frozenset(expected)
     if max_delay is None:
         max_delay = max(0.1, len(wanted) * BARRIER_POLL_PER_PEER)
@@ -1440,7 +1456,7 @@ async def async_barrier(
                 if not pushed and future is None and now >= next_read[source]:
                     read_started[source] = now
                     reads[source] = asyncio.ensure_future(
-                        _read_dht_copy(dht, key) if source == "dht"
+                        _read_dht_copy(reader) if source == "dht"
                         else _read_initial_copies(dht, done_key if source == "done" else key, initial))
                 elif not pushed and future is not None and future.done():
                     reads[source] = None
@@ -1450,7 +1466,8 @@ async def async_barrier(
                         record.update(future.result())
                     if source == "dht":
                         if str(me) not in record and arrival.done():
-                            arrival = _announce(dht, key, me, ttl, card=card)  # the initial peers' copies retry
+                            # the initial peers' copies retry on their own
+                            arrival = _announce(dht, key, me, ttl, card=card, nodes=nodes)
                         next_read["dht"], pause = now + pause, min(2 * pause, max_delay)
                     else:  # spaced by its own duration too: a busy initial peer is not asked faster than it answers
                         next_read[source] = now + max(every[source], now - read_started[source])
@@ -1499,15 +1516,18 @@ async def _read_initial_copies(dht: Any, key: str, initial: Sequence[Any]) -> Di
     return _merged(key, copies)
 
 
-async def _read_dht_copy(dht: Any, key: str) -> Dict[str, Any]:
-    """A barrier's arrivals as a DHT read shows them (a search: seconds on a busy DHT)."""
-    return _merged(key, await asyncio.gather(poll_read(dht, key), return_exceptions=True))
+async def _read_dht_copy(reader: RepeatedRead) -> Dict[str, Any]:
+    """A barrier's arrivals as its key's nodes hold them (:class:`RepeatedRead`: one RPC each; seconds on a busy
+    DHT). {} if the read failed."""
+    return _merged(reader.nodes.key, await asyncio.gather(reader.read(), return_exceptions=True))
 
 
 def _announce(dht: Any, key: str, me: int, ttl: float, initial: Sequence[Any] = (), *,
-              until: float = math.inf, card: Optional[List[Any]] = None) -> asyncio.Future:
+              until: float = math.inf, card: Optional[List[Any]] = None,
+              nodes: Optional[KeyNodes] = None) -> asyncio.Future:
     """Store our arrival under ``key`` in the background (the value: our peer id, where a completion is pushed,
-    and our ``card`` if any), in the DHT and straight on the ``initial`` peers, each try bounded by
+    and our ``card`` if any), on the key's ``nodes`` (:class:`Renewal`) and straight on the ``initial`` peers, each
+    try bounded by
     :data:`DHT_READ_TIMEOUT`; the future's result says whether some node took it (the DHT copy, or an initial
     peer at its first try).
 
@@ -1546,7 +1566,8 @@ def _announce(dht: Any, key: str, me: int, ttl: float, initial: Sequence[Any] = 
         firsts = [asyncio.get_running_loop().create_future() for _ in initial]
         for peer_id, first in zip(initial, firsts):
             _keep(asyncio.ensure_future(store_on(peer_id, first)))
-        return any(await asyncio.gather(store_one(publish(dht, key, str(me), value, ttl=ttl)), *firsts))
+        dht_copy = Renewal(dht, key, nodes=nodes).store(str(me), value, ttl=ttl)
+        return any(await asyncio.gather(store_one(dht_copy), *firsts))
 
     return _keep(asyncio.ensure_future(store()))
 
