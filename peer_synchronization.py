@@ -2027,10 +2027,13 @@ class TcpPlane:
                 inbox.frames.pop(key)
 
     async def close(self) -> None:
-        if self._accepting is not None:
-            self._accepting.cancel()
-        for task in list(self._tasks):
+        tasks = list(self._tasks) + ([self._accepting] if self._accepting is not None else [])
+        for task in tasks:
             task.cancel()
+        # a cancelled read leaves its socket on the selector until a callback of asyncio's runs: wait for that
+        # before closing. Closed at once, a socket gave its file descriptor to the next one opened (a p2pd
+        # connection, at shutdown), and the late callback took that one's reader away or hit its transport
+        await asyncio.gather(*tasks, return_exceptions=True)
         for conns in self._conns.values():
             for sock, _ in conns:
                 sock.close()

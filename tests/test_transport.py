@@ -80,6 +80,42 @@ def test_a_frame_read_and_dropped_is_freed_while_the_connection_waits():
     assert freed and connected
 
 
+def test_a_closed_plane_leaves_the_next_owner_of_its_sockets_numbers_alone():
+    """close() cancels every pending read; asyncio takes a socket off the selector in a callback that runs later.
+    Closed before that, a socket gave its file descriptor to the next socket opened, and the late callback took
+    that socket's reader away (or, where a transport held it, logged an asyncio ERROR: 7 at one run's shutdown)."""
+    async def main():
+        a = TcpPlane(index=0, secret=SECRET, host="127.0.0.1", num_peers=4)
+        b = TcpPlane(index=1, secret=SECRET, host="127.0.0.1", num_peers=4)
+        await a.start()
+        await b.start()
+        await a.connect(1, "127.0.0.1", b.port)
+        await asyncio.sleep(0.2)  # both ends' readers wait for frames
+        await a.close()
+        loop = asyncio.get_running_loop()
+        pairs = [socket.socketpair() for _ in range(4)]  # they take the numbers a's sockets had
+        heard = [asyncio.Event() for _ in pairs]
+        for (ours, _), event in zip(pairs, heard):
+            ours.setblocking(False)
+            loop.add_reader(ours.fileno(), event.set)
+        await asyncio.sleep(0.1)  # any callback the closed plane left runs now
+        for _, other in pairs:
+            other.send(b"x")
+        try:
+            await asyncio.wait_for(asyncio.gather(*(event.wait() for event in heard)), 5)
+            return True
+        except asyncio.TimeoutError:
+            return [event.is_set() for event in heard]
+        finally:
+            for ours, other in pairs:
+                loop.remove_reader(ours.fileno())
+                ours.close()
+                other.close()
+            await b.close()
+
+    assert asyncio.run(main()) is True
+
+
 def test_a_stranger_without_the_secret_is_refused_both_ways():
     async def body(a, b):
         with pytest.raises(PlaneError):
