@@ -1171,14 +1171,14 @@ class KeyNodes:
         return self._nodes
 
     def forget(self) -> None:
-        """Search again next time (a node did not answer, or fewer nodes than the key should live on were found)."""
+        """Search again next time (a node did not answer)."""
         self._nodes = {}
 
 
 class Renewal:
     """A record that this peer stores again and again (its heartbeat, its data-plane endpoint): the nodes that
     hold ``key`` are found by one search (:class:`KeyNodes`) and then stored to directly, one RPC each, until a
-    store fails. A heartbeat at 64 peers thus costs 5 RPCs instead of a search (≈ 40 RPCs) plus 5 stores.
+    node does not answer. A heartbeat at 64 peers thus costs 5 RPCs instead of a search (≈ 40 RPCs) plus 5 stores.
 
     :param dht: this peer's ``DHTNode``
     :param key: the record's key; :meth:`store` takes the subkey
@@ -1249,15 +1249,11 @@ class RepeatedRead:
             entry = self.dht.protocol.storage.get(key_id)
             return {} if entry is None else _subkey_entries(self.dht, key_id, entry.value)
         try:
-            found = await asyncio.wait_for(self.dht.protocol.call_find(peer_id, [key_id]),
-                                           max(0.1, min(DHT_RPC_TIMEOUT, deadline - time.monotonic())))
+            return await asyncio.wait_for(_entries_at(self.dht, peer_id, key_id),
+                                          max(0.1, min(DHT_RPC_TIMEOUT, deadline - time.monotonic())))
         except Exception as e:  # noqa: BLE001 - a node that does not answer is counted as such
             logger.debug("read of %s at a node failed: %r", self.nodes.key, e)
             return None
-        if not found or key_id not in found:
-            return None
-        entry = found[key_id][0]
-        return {} if entry is None else _subkey_entries(self.dht, key_id, entry.value)
 
 
 def read_local(dht: Any, key: str) -> Dict[str, Any]:
@@ -1276,9 +1272,18 @@ async def read_at(dht: Any, peer_id: Any, key: str) -> Dict[str, Any]:
     from hivemind.dht.routing import DHTID
 
     key_id = DHTID.generate(source=key)
+    entries = await _entries_at(dht, peer_id, key_id)
+    return {subkey: value for subkey, (value, _) in (entries or {}).items()}
+
+
+async def _entries_at(dht: Any, peer_id: Any, key_id: Any) -> Optional[Dict[str, Tuple[Any, float]]]:
+    """``{subkey: (value, expiration)}`` of ``key_id`` on the node ``peer_id`` (one RPC; {} if it holds none);
+    None if it did not answer."""
     found = await dht.protocol.call_find(peer_id, [key_id])
-    entry = (found or {}).get(key_id, (None, {}))[0]
-    return {} if entry is None else _subkeys_of(dht, key_id, entry.value)
+    if not found or key_id not in found:
+        return None
+    entry = found[key_id][0]
+    return {} if entry is None else _subkey_entries(dht, key_id, entry.value)
 
 
 def _subkeys_of(dht: Any, key_id: Any, value: Any) -> Dict[str, Any]:
