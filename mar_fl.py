@@ -69,6 +69,13 @@ def configure_peer_environment() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     # glibc gives each thread its own heap arena; the averager's worker threads would each keep tens of MB
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+    # glibc maps every block over 128 KB (later: over the largest freed one) afresh and unmaps it when freed, and
+    # hands a heap's free top back at 128 KB: each training step's activations cost ≈ 5,000 page faults, in
+    # numbers that differ from peer to peer. Freed blocks kept for reuse (until the round's malloc_trim): a
+    # 64-peer round's training went from 11.4-11.8 s to 8.9-9.2 s, and 32 identical trainings on one core
+    # from 48-56 s to 46-48 s (bench/RESULTS.md)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(256 << 20))
     # Go's default GC pace for p2pd: GOGC=25 saved ≈ 15 MB per daemon but tripled its idle CPU (64 daemons took
     # ≈ 1.5 of 2 cores between rounds; bench/RESULTS.md)
 
@@ -140,6 +147,7 @@ def round_test_indices(cfg: RunConfig, own: "np.ndarray", *, peer: int, particip
 # a round's groups wait this many times the longest training this peer has seen for late group-mates, on top
 # of --matchmaking-timeout: on an overloaded host the same training takes some peers 3x as long as others
 STRAGGLER_PATIENCE = 2.0
+CONTROL_READ_GRACE = 5.0  # seconds a round's start waits for the control read begun a round earlier
 
 
 def stale_after_seconds(cfg: RunConfig) -> float:
@@ -490,9 +498,12 @@ def _rejoin(cfg: RunConfig, state: PeerState, rt: PeerRuntime) -> None:
 
 class ControlReader:
     """Whether the launcher asked to stop: it publishes the last round to run under one DHT key. Read in the
-    background, one read per round, started at one round's check and used at the next: a read that is slow (up
-    to 20 s at 125 peers, one in ten timed out) no longer holds the peer. A stop is thus seen a round later
-    than a blocking read saw it, as a missed read always was; the launcher leaves two rounds of slack.
+    background, one read at a time, started at one round's check and used at the next: a read that is slow (up
+    to 20 s at 125 peers under load) does not hold the peer. A read still running at the next check is waited
+    for :data:`CONTROL_READ_GRACE` seconds at most and then left to finish for the check after: waiting out the
+    read's whole deadline there held a peer, and every group after its own, for up to 12 s of a 64-peer round.
+    A stop is thus seen a round after it was published, or two when a read outlasts a round and the grace; the
+    launcher leaves two rounds of slack.
 
     :param network: this peer's network (its loop runs the reads)
     :param prefix: the run's DHT prefix
@@ -506,11 +517,14 @@ class ControlReader:
         self._read: Optional[concurrent.futures.Future] = None
 
     def stop_requested(self, state: PeerState, round_index: int) -> bool:
-        from peer_synchronization import DHT_READ_TIMEOUT
-
-        if self._read is not None:
-            try:  # started a round ago: normally done; else bounded by the read's own deadline
-                self._apply(state, self._read.result(timeout=DHT_READ_TIMEOUT + 5))
+        read = self._read
+        if read is not None:
+            concurrent.futures.wait([read], timeout=CONTROL_READ_GRACE)
+            if not read.done():
+                logger.info("control read still running at round %d: it is used at the next one", round_index)
+                return state.stop_after is not None and round_index > state.stop_after
+            try:
+                self._apply(state, read.result())
             except Exception as e:  # noqa: BLE001 - a missed read only delays the stop by a round
                 logger.warning("control read failed: %r", e)
         self._read = asyncio.run_coroutine_threadsafe(self._reader.read(), self.network.loop)
