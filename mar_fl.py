@@ -497,37 +497,55 @@ def _rejoin(cfg: RunConfig, state: PeerState, rt: PeerRuntime) -> None:
 
 
 class ControlReader:
-    """Whether the launcher asked to stop: it publishes the last round to run under one DHT key. Read in the
-    background, one read at a time, started at one round's check and used at the next: a read that is slow (up
-    to 20 s at 125 peers under load) does not hold the peer. A read still running at the next check is waited
-    for :data:`CONTROL_READ_GRACE` seconds at most and then left to finish for the check after: waiting out the
-    read's whole deadline there held a peer, and every group after its own, for up to 12 s of a 64-peer round.
-    A stop is thus seen a round after it was published, or two when a read outlasts a round and the grace; the
-    launcher leaves two rounds of slack.
+    """Whether the launcher asked to stop: it publishes the last round to run under one DHT key.
+
+    Read in the background, one read at a time, each used at the round check after the one that started it: a
+    slow read (up to 20 s at 125 peers under load) does not hold the peer. A read still running at a check is
+    waited for :data:`CONTROL_READ_GRACE` seconds at most, then left to finish for the check after; waiting out
+    its whole deadline there held a peer, and every group after its own, for up to 12 s of a 64-peer round.
+    The first read starts at the second check, and each starts at a random point of the first half of a round
+    (as long as the last one): all peers reading the key's nodes at once, at the busiest time of a run, made
+    every first read of a 125-peer run under a one-core quota time out. A stop is thus seen a round or two
+    after it was published; the launcher leaves two rounds of slack.
 
     :param network: this peer's network (its loop runs the reads)
     :param prefix: the run's DHT prefix
     """
 
     def __init__(self, network, prefix: str):
+        import random
+
         from peer_synchronization import RepeatedRead
 
         self.network, self.key = network, control_key(prefix)
         self._reader = RepeatedRead(network.dht, self.key)  # the key's nodes, read directly: no search a round
         self._read: Optional[concurrent.futures.Future] = None
+        self._last_check: Optional[float] = None
+        self._jitter = random.Random()  # its own: the run's seeded generators are left alone
 
     def stop_requested(self, state: PeerState, round_index: int) -> bool:
-        read = self._read
+        read, now = self._read, time.monotonic()
         if read is not None:
             concurrent.futures.wait([read], timeout=CONTROL_READ_GRACE)
             if not read.done():
                 logger.info("control read still running at round %d: it is used at the next one", round_index)
-                return state.stop_after is not None and round_index > state.stop_after
+                return self._stopping(state, round_index)
             try:
                 self._apply(state, read.result())
             except Exception as e:  # noqa: BLE001 - a missed read only delays the stop by a round
                 logger.warning("control read failed: %r", e)
-        self._read = asyncio.run_coroutine_threadsafe(self._reader.read(), self.network.loop)
+        if self._last_check is not None:
+            delay = self._jitter.uniform(0.0, (now - self._last_check) / 2)
+            self._read = asyncio.run_coroutine_threadsafe(self._read_after(delay), self.network.loop)
+        self._last_check = now
+        return self._stopping(state, round_index)
+
+    async def _read_after(self, delay: float) -> Dict[str, Any]:
+        await asyncio.sleep(delay)
+        return await self._reader.read()
+
+    @staticmethod
+    def _stopping(state: PeerState, round_index: int) -> bool:
         return state.stop_after is not None and round_index > state.stop_after
 
     @staticmethod

@@ -1,5 +1,6 @@
 """DHT barriers and bootstrap files with real hivemind DHT nodes on 127.0.0.1 (in one process)."""
 import threading
+import time
 
 import pytest
 
@@ -946,3 +947,51 @@ def test_addresses_travel_through_the_initial_peers_when_dht_searches_cannot(no_
     finally:
         for net in nets:
             net.shutdown()
+
+
+def test_the_control_read_never_holds_a_round_and_reads_at_a_random_point_of_it(monkeypatch):
+    # a peer whose control read had not finished waited for its whole deadline at the next round's start (12 s
+    # of a 64-peer round, for every group after its own); and all peers reading at once at the busiest time of a
+    # run (round 1) made every first read of a 125-peer run under a one-core quota time out
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    import mar_fl
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(mar_fl, "CONTROL_READ_GRACE", 0.05)
+    reader = mar_fl.ControlReader(SimpleNamespace(dht=None, loop=loop), "run")
+    started, answer, release = [], {"stop_after.0": 3}, threading.Event()
+
+    async def read():
+        started.append(time.monotonic())
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return answer
+
+    reader._reader = SimpleNamespace(read=read)
+    spans = []  # the (low, high) of each random delay drawn
+    reader._jitter = SimpleNamespace(uniform=lambda low, high: spans.append((low, high)) or 0.0)
+    state = mar_fl.PeerState(index=0, model=None, momentum=[], order=None)
+    try:
+        first = time.monotonic()
+        assert not reader.stop_requested(state, 1)
+        time.sleep(0.3)
+        assert started == [] and spans == []  # the first check reads nothing: round 1 is the run's busiest time
+        assert not reader.stop_requested(state, 2)
+        second = time.monotonic()
+        assert len(spans) == 1 and spans[0][0] == 0.0 and 0.3 / 2 <= spans[0][1] <= (second - first) / 2
+        assert not reader.stop_requested(state, 3)  # the read hangs: the check goes on without it ...
+        assert state.stop_after is None and len(started) == 1 and len(spans) == 1  # ... and starts no other
+        release.set()
+        reader._read.result(timeout=10)
+        assert reader.stop_requested(state, 4)  # the read finished: used at the next check
+        assert state.stop_after == 3 and len(spans) == 2
+    finally:
+        release.set()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
