@@ -148,6 +148,7 @@ def round_test_indices(cfg: RunConfig, own: "np.ndarray", *, peer: int, particip
 # of --matchmaking-timeout: on an overloaded host the same training takes some peers 3x as long as others
 STRAGGLER_PATIENCE = 2.0
 CONTROL_READ_GRACE = 5.0  # seconds a round's start waits for the control read begun a round earlier
+CONTROL_SEARCH_SPREAD = 5.0  # seconds over which the peers' searches for the control key's nodes are spread
 
 
 def stale_after_seconds(cfg: RunConfig) -> float:
@@ -505,8 +506,10 @@ class ControlReader:
     its whole deadline there held a peer, and every group after its own, for up to 12 s of a 64-peer round.
     The first read starts at the second check, and each starts at a random point of the first half of a round
     (as long as the last one): all peers reading the key's nodes at once, at the busiest time of a run, made
-    every first read of a 125-peer run under a one-core quota time out. A stop is thus seen a round or two
-    after it was published; the launcher leaves two rounds of slack.
+    every first read of a 125-peer run under a one-core quota time out. The search for the key's nodes, which
+    costs a 64-peer run ≈ 1.5 s in the round where all peers make it, is made in round 1, at a random point of
+    its first :data:`CONTROL_SEARCH_SPREAD` seconds. A stop is thus seen a round or two after it was
+    published; the launcher leaves two rounds of slack.
 
     :param network: this peer's network (its loop runs the reads)
     :param prefix: the run's DHT prefix
@@ -522,6 +525,8 @@ class ControlReader:
         self._read: Optional[concurrent.futures.Future] = None
         self._last_check: Optional[float] = None
         self._jitter = random.Random()  # its own: the run's seeded generators are left alone
+        self._search = asyncio.run_coroutine_threadsafe(
+            self._find_nodes_after(self._jitter.uniform(0.0, CONTROL_SEARCH_SPREAD)), network.loop)
 
     def stop_requested(self, state: PeerState, round_index: int) -> bool:
         read, now = self._read, time.monotonic()
@@ -539,6 +544,15 @@ class ControlReader:
             self._read = asyncio.run_coroutine_threadsafe(self._read_after(delay), self.network.loop)
         self._last_check = now
         return self._stopping(state, round_index)
+
+    async def _find_nodes_after(self, delay: float) -> None:
+        from peer_synchronization import DHT_READ_TIMEOUT
+
+        await asyncio.sleep(delay)
+        try:
+            await asyncio.wait_for(self._reader.nodes.get(), DHT_READ_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - the first read searches again
+            logger.debug("control key's nodes not found yet: %r", e)
 
     async def _read_after(self, delay: float) -> Dict[str, Any]:
         await asyncio.sleep(delay)

@@ -963,7 +963,15 @@ def test_the_control_read_never_holds_a_round_and_reads_at_a_random_point_of_it(
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     monkeypatch.setattr(mar_fl, "CONTROL_READ_GRACE", 0.05)
-    reader = mar_fl.ControlReader(SimpleNamespace(dht=None, loop=loop), "run")
+    monkeypatch.setattr(mar_fl, "CONTROL_SEARCH_SPREAD", 0.2)
+    found = []
+
+    async def find_nearest_nodes(queries, **kwargs):  # the search for the control key's nodes
+        found.extend(queries)
+        return {}
+
+    dht = SimpleNamespace(num_replicas=5, find_nearest_nodes=find_nearest_nodes)
+    reader = mar_fl.ControlReader(SimpleNamespace(dht=dht, loop=loop), "run")
     started, answer, release = [], {"stop_after.0": 3}, threading.Event()
 
     async def read():
@@ -972,11 +980,13 @@ def test_the_control_read_never_holds_a_round_and_reads_at_a_random_point_of_it(
             await asyncio.sleep(0.01)
         return answer
 
-    reader._reader = SimpleNamespace(read=read)
+    reader._reader.read = read
     spans = []  # the (low, high) of each random delay drawn
     reader._jitter = SimpleNamespace(uniform=lambda low, high: spans.append((low, high)) or 0.0)
     state = mar_fl.PeerState(index=0, model=None, momentum=[], order=None)
     try:
+        reader._search.result(timeout=10)
+        assert found == [reader._reader.nodes.key_id]  # the key's nodes are looked up in round 1, without a read
         first = time.monotonic()
         assert not reader.stop_requested(state, 1)
         time.sleep(0.3)
