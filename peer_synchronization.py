@@ -1026,9 +1026,13 @@ class PeerNetwork:
         return self.run(self.advertised(), timeout=30)
 
     def daemon_alive(self) -> bool:
-        """False once our ``p2pd`` has exited: nothing can be sent or received any more."""
+        """False once our ``p2pd`` has exited, or our one connection to it (every RPC's reply and every request
+        to our handlers comes through it) has ended: nothing can be sent or received any more."""
         child = getattr(self.p2p, "_child", None)
-        return child is not None and child.returncode is None
+        if child is None or child.returncode is not None:
+            return False
+        reader = getattr(getattr(getattr(self.p2p, "_client", None), "control", None), "_read_task", None)
+        return reader is None or not reader.done()
 
     def shutdown(self) -> None:
         """Stop the DHT node and the daemon; safe to call twice and from any exit path."""

@@ -593,6 +593,25 @@ def test_a_reply_to_a_call_that_just_timed_out_leaves_the_daemon_connection_work
     assert asyncio.run(scenario()) == b"answer"
 
 
+def test_a_peer_whose_connection_to_its_daemon_ended_counts_its_network_as_down():
+    # every reply and every request comes through that one connection: without it the peer only waits out
+    # deadlines, so it must learn it is cut off (the averager then raises NetworkDown, the launcher reports it)
+    from types import SimpleNamespace
+
+    from peer_synchronization import NetworkOptions, PeerNetwork
+
+    network = PeerNetwork(NetworkOptions(initial_peers=[], host="127.0.0.1"))
+    reader = SimpleNamespace(done=lambda: False)
+    network.p2p = SimpleNamespace(_child=SimpleNamespace(returncode=None),
+                                  _client=SimpleNamespace(control=SimpleNamespace(_read_task=reader)))
+    assert network.daemon_alive()
+    reader.done = lambda: True
+    assert not network.daemon_alive()
+    network.p2p._child.returncode, reader.done = 1, (lambda: False)
+    assert not network.daemon_alive()
+    network.loop.close()
+
+
 def test_run_prefix_keeps_runs_apart(networks):
     # same DHT, two run prefixes: peer 0 is alone in run A, peers 1 and 2 meet in run B
     results = run_barriers(networks, lambda i: "runA.b" if i == 0 else "runB.b", expected=range(3), timeout=2)
