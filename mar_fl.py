@@ -70,10 +70,10 @@ def configure_peer_environment() -> None:
     # glibc gives each thread its own heap arena; the averager's worker threads would each keep tens of MB
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     # glibc maps every block over 128 KB (later: over the largest freed one) afresh and unmaps it when freed, and
-    # hands a heap's free top back at 128 KB: each training step's activations cost ≈ 5,000 page faults, in
-    # numbers that differ from peer to peer. Freed blocks kept for reuse (until the round's malloc_trim): a
-    # 64-peer round's training went from 11.4-11.8 s to 8.9-9.2 s, and 32 identical trainings on one core
-    # from 48-56 s to 46-48 s (bench/RESULTS.md)
+    # hands a heap's free top back at 128 KB: training steps cost thousands of page faults each. Freed blocks are
+    # kept for reuse (until the round's malloc_trim): at 64 peers a round's training took 8.5-9.3 s instead of
+    # 9.4-9.5 s, more evenly across peers, for 8-20 MB more per peer (bench/RESULTS.md,
+    # bench/bench_training_spread.py)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
     os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(256 << 20))
     # Go's default GC pace for p2pd: GOGC=25 saved ≈ 15 MB per daemon but tripled its idle CPU (64 daemons took
