@@ -71,9 +71,8 @@ def configure_peer_environment() -> None:
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     # glibc maps every block over 128 KB (later: over the largest freed one) afresh and unmaps it when freed, and
     # hands a heap's free top back at 128 KB: training steps cost thousands of page faults each. Freed blocks are
-    # kept for reuse (until the round's malloc_trim): at 64 peers a round's training took 8.5-9.3 s instead of
-    # 9.4-9.5 s, more evenly across peers, for 8-20 MB more per peer (bench/RESULTS.md,
-    # bench/bench_training_spread.py)
+    # kept for reuse (until the round's malloc_trim): 11x fewer page faults, and the slowest of 32 identical
+    # trainings on one core 7 % faster, for 8-20 MB more per peer (bench/RESULTS.md, bench_training_spread.py)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
     os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(256 << 20))
     # Go's default GC pace for p2pd: GOGC=25 saved ≈ 15 MB per daemon but tripled its idle CPU (64 daemons took
