@@ -503,12 +503,14 @@ class ControlReader:
     slow read (up to 20 s at 125 peers under load) does not hold the peer. A read still running at a check is
     waited for :data:`CONTROL_READ_GRACE` seconds at most, then left to finish for the check after; waiting out
     its whole deadline there held a peer, and every group after its own, for up to 12 s of a 64-peer round.
+
     The first read starts at the second check, and each starts at a random point of the first half of a round
     (as long as the last one): all peers reading the key's nodes at once, at the busiest time of a run, made
     every first read of a 125-peer run under a one-core quota time out. The search for the key's nodes, which
     costs a 64-peer run ≈ 1.5 s in the round where all peers make it, is made in round 1, at a random point of
-    its first :data:`CONTROL_SEARCH_SPREAD` seconds. A stop is thus seen a round or two after it was
-    published; the launcher leaves two rounds of slack.
+    its first :data:`CONTROL_SEARCH_SPREAD` seconds.
+
+    A stop is thus seen a round or two after it was published; the launcher leaves two rounds of slack.
 
     :param network: this peer's network (its loop runs the reads)
     :param prefix: the run's DHT prefix

@@ -742,9 +742,9 @@ class PendingCalls(dict):
     hivemind's one reader of the daemon connection sets each reply on the future listed for its call. When a
     reply came in the same loop pass in which the caller's deadline cancelled that future, setting it raised
     ``InvalidStateError`` and ended the reader: from then on no RPC of the peer got a reply and no request
-    reached its handlers, without a word in the log. In about one 64-peer run in three, one peer lost its DHT
-    so at the start and waited out every DHT read and barrier after it. Here a cancelled or finished call is
-    not "in" the table, so such a reply is dropped as one for an unknown call.
+    reached its handlers, without a word in the log. In 4 of 9 64-peer runs, one peer lost its DHT so at the
+    start and waited out every DHT read and barrier after it. Here a cancelled or finished call is not "in" the
+    table, so such a reply is dropped as one for an unknown call.
     """
 
     def __contains__(self, call_id: object) -> bool:
