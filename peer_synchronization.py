@@ -754,8 +754,13 @@ class PendingCalls(dict):
 
 def guard_late_replies(p2p: Any) -> None:
     """Make ``p2p``'s daemon connection survive replies to calls that timed out (:class:`PendingCalls`)."""
-    control = p2p._client.control
+    control = _daemon_control(p2p)
     control._pending_calls = PendingCalls(control._pending_calls)
+
+
+def _daemon_control(p2p: Any) -> Any:
+    """hivemind's client of ``p2p``'s daemon connection (``ControlClient``), or None."""
+    return getattr(getattr(p2p, "_client", None), "control", None)
 
 
 class PeerNetwork:
@@ -1031,7 +1036,7 @@ class PeerNetwork:
         child = getattr(self.p2p, "_child", None)
         if child is None or child.returncode is not None:
             return False
-        reader = getattr(getattr(getattr(self.p2p, "_client", None), "control", None), "_read_task", None)
+        reader = getattr(_daemon_control(self.p2p), "_read_task", None)
         return reader is None or not reader.done()
 
     def shutdown(self) -> None:

@@ -60,16 +60,13 @@ def main() -> None:
     p.add_argument("--settle", type=float, default=15.0, help="seconds for the processes to start")
     args = p.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(base)
     from mar_fl import configure_peer_environment
 
-    configure_peer_environment()
+    for key in [k for k in os.environ if k.startswith("MALLOC_")]:
+        del os.environ[key]
+    base = dict(os.environ)
+    configure_peer_environment()  # the settings mar_fl.py gives its peers
     tuned = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
-    os.environ.clear()
-    os.environ.update(saved)
     for name, env in (("glibc defaults", base), ("mar_fl " + " ".join(f"{k}={v}" for k, v in tuned.items()),
                                                    {**base, **tuned})):
         rows = run(env, args)
