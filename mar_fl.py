@@ -71,8 +71,10 @@ def configure_peer_environment() -> None:
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     # glibc maps every block over 128 KB (later: over the largest freed one) afresh and unmaps it when freed, and
     # hands a heap's free top back at 128 KB: training steps cost thousands of page faults each. Freed blocks are
-    # kept for reuse (until the round's malloc_trim): 11x fewer page faults, and the slowest of 32 identical
-    # trainings on one core 7 % faster, for 8-20 MB more per peer (bench/RESULTS.md, bench_training_spread.py)
+    # kept for reuse (11x fewer page faults, the slowest of 32 identical trainings on one core 7 % faster) and
+    # never handed back by hand: a round's buffers are the next round's, and the faults a malloc_trim caused each
+    # round (600 K a round at 64 peers, zeroing pages took 11 % of the machine) cost more than the 10-15 MB per peer
+    # it saved between peaks (bench/RESULTS.md, bench_training_spread.py)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
     os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(256 << 20))
     # Go's default GC pace for p2pd: GOGC=25 saved ≈ 15 MB per daemon but tripled its idle CPU (64 daemons took
@@ -103,16 +105,6 @@ def stop_forkserver() -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(server._forkserver_pid, signal.SIGTERM)
     server._stop()
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS after a round (all-reduce buffers are large and short-lived)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def control_key(prefix: str) -> str:
@@ -408,7 +400,6 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
             rt.averager.share_snapshot(round_index, _shared_tensors(state, rt))
             if cfg.ckpt_every and round_index % cfg.ckpt_every == 0:
                 saved = save_checkpoint(run_dir, state, rt.aggregator)
-            release_freed_memory()
     if state.round_index != saved:  # the last round always is on disk: a cut run resumes, a finished one extends
         save_checkpoint(run_dir, state, rt.aggregator)
     barrier(network, f"{prefix}.end", me=index, expected=range(cfg.num_peers), timeout=cfg.allreduce_timeout)
@@ -605,7 +596,6 @@ def _run_round(cfg: RunConfig, state: PeerState, rt: PeerRuntime, round_index: i
         record["train_loss"] = train_batches(
             rt.task, state.model, state.momentum, data=rt.train, order=state.order, num_batches=rt.num_batches,
             batch_size=cfg.batch_size, lr=lr, beta=cfg.momentum, device=rt.device)
-        release_freed_memory()  # activations and gradients (≈ 60 MB at batch 64) are not needed until next round
     trained = time.time()
     state.longest_training = max(state.longest_training, trained - started)
     record["participating_peers"] = len(participants)
