@@ -180,3 +180,12 @@ def test_a_part_with_one_non_finite_value_is_refused(bad, where):
     assert not all_finite(part)
     assert check_part(part, shape=(131072,), dtype=torch.float32) == "non-finite values"
     assert all_finite(torch.empty(0)) and all_finite(torch.arange(5))
+
+
+def test_finite_values_whose_sum_overflows_count_as_finite():
+    from moshpit_all_reduce import all_finite
+
+    huge = torch.full((1000,), 3e38)
+    assert not torch.isfinite(huge.sum()) and all_finite(huge)
+    huge[500] = float("nan")
+    assert not all_finite(huge)
