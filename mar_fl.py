@@ -72,13 +72,62 @@ def configure_peer_environment() -> None:
     # glibc maps every block over 128 KB (later: over the largest freed one) afresh and unmaps it when freed, and
     # hands a heap's free top back at 128 KB: training steps cost thousands of page faults each. Freed blocks are
     # kept for reuse (11x fewer page faults, the slowest of 32 identical trainings on one core 7 % faster) and
-    # never handed back by hand: a round's buffers are the next round's, and the faults a malloc_trim caused each
-    # round (600 K a round at 64 peers, zeroing pages took 11 % of the machine) cost more than the 10-15 MB per peer
-    # it saved between peaks (bench/RESULTS.md, bench_training_spread.py)
+    # handed back only as :class:`HeapTrimmer` decides (bench/RESULTS.md, bench_training_spread.py)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
     os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(256 << 20))
     # Go's default GC pace for p2pd: GOGC=25 saved ≈ 15 MB per daemon but tripled its idle CPU (64 daemons took
     # ≈ 1.5 of 2 cores between rounds; bench/RESULTS.md)
+
+
+HEAP_SLACK_BYTES = 32 << 20
+
+
+class HeapTrimmer:
+    """When a peer hands freed heap pages back to the OS (``malloc_trim``): only once its resident memory has
+    grown ``slack`` bytes past its level, the resident memory at the end of its second round.
+
+    A round's buffers (activations, all-reduce shards) are the next round's, so glibc keeps freed blocks for
+    reuse. Trimming after every round made each round fault them all in again: 600 K page faults a round at 64
+    peers, zeroing pages took 11 % of the machine. Never trimming let fragmentation grow a peer's free heap by
+    ≈ 20 MB over 10 rounds. The round after a trim faults the buffers it uses back in and sets the level anew (a
+    peer that sat out its first rounds and trains later gets a new level that way).
+
+    :param slack: bytes of growth past the level that trigger a trim
+    """
+
+    def __init__(self, *, slack: int = HEAP_SLACK_BYTES):
+        self.slack = slack
+        self.level: Optional[int] = None
+        self._settling = 2  # round ends still to come before the level holds
+
+    def should_trim(self, resident: int) -> bool:
+        """Record a round's end at ``resident`` bytes; whether to trim now."""
+        if self._settling:
+            self._settling -= 1
+            self.level = resident
+            return False
+        if self.level is not None and resident > self.level + self.slack:
+            self._settling = 1
+            return True
+        return False
+
+    def after_round(self) -> bool:
+        """Trim if :meth:`should_trim` says so; whether it did."""
+        try:
+            with open("/proc/self/statm") as f:
+                resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return False
+        if not self.should_trim(resident):
+            return False
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            return False
+        logger.debug("heap trimmed: %d MB resident, %d MB after round 2", resident >> 20, (self.level or 0) >> 20)
+        return True
 
 
 def start_forkserver(cfg: RunConfig) -> "mp.context.BaseContext":
@@ -386,7 +435,7 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
                     cfg.num_peers, rt.num_batches, state.round_index + 1)
     out_path = os.path.join(run_dir, "peers", f"peer_{index:04d}.jsonl")
     saved = state.round_index
-    control = ControlReader(network, prefix)
+    control, heap = ControlReader(network, prefix), HeapTrimmer()
     with open(out_path, "a", buffering=1) as out:
         for round_index in range(state.round_index + 1, cfg.rounds + 1):
             if not network.daemon_alive():
@@ -400,6 +449,7 @@ def run_peer(cfg: RunConfig, *, index: int, run_dir: str, network, prefix: str, 
             rt.averager.share_snapshot(round_index, _shared_tensors(state, rt))
             if cfg.ckpt_every and round_index % cfg.ckpt_every == 0:
                 saved = save_checkpoint(run_dir, state, rt.aggregator)
+            heap.after_round()
     if state.round_index != saved:  # the last round always is on disk: a cut run resumes, a finished one extends
         save_checkpoint(run_dir, state, rt.aggregator)
     barrier(network, f"{prefix}.end", me=index, expected=range(cfg.num_peers), timeout=cfg.allreduce_timeout)

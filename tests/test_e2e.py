@@ -345,3 +345,38 @@ def test_a_killed_peer_is_restarted_and_rejoins_with_the_live_model(tmp_path, da
     logs = "".join((run_dir / "logs" / name).read_text() for name in os.listdir(run_dir / "logs"))
     assert "rejoined after round" in logs
     assert rows[-1]["test_accuracy"] > rows[1]["test_accuracy"]
+
+
+def test_a_peer_trims_its_heap_only_once_it_grew_past_its_level():
+    from mar_fl import HeapTrimmer
+
+    mb = 1 << 20
+    heap = HeapTrimmer(slack=32 * mb)
+    assert not heap.should_trim(500 * mb) and not heap.should_trim(560 * mb)  # rounds 1-2 set the level
+    assert heap.level == 560 * mb
+    assert not heap.should_trim(590 * mb)  # within the slack: the round's buffers stay for the next round
+    assert heap.should_trim(600 * mb)
+    assert not heap.should_trim(700 * mb) and heap.level == 700 * mb  # the round after a trim sets a new level
+    assert not heap.should_trim(720 * mb) and heap.should_trim(740 * mb)
+
+
+def test_a_heap_trim_hands_freed_memory_back():
+    script = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from mar_fl import HeapTrimmer
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+heap = HeapTrimmer(slack=16 << 20)
+heap.after_round(); heap.after_round()
+blocks = [bytearray(4 << 20) for _ in range(32)]  # 128 MB, below the mmap threshold: on the heap
+keep = bytearray(1 << 10)  # above them: the freed blocks stay inside the heap, not at its top
+del blocks
+before = rss()
+trimmed = heap.after_round()
+print(trimmed, before >> 20, rss() >> 20)
+"""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(32 << 20), MALLOC_TRIM_THRESHOLD_=str(256 << 20))
+    out = subprocess.run([sys.executable, "-c", script, ROOT], env=env, capture_output=True, text=True, timeout=60)
+    trimmed, before, after = out.stdout.split()
+    assert trimmed == "True", out.stderr
+    assert int(before) - int(after) >= 100, (before, after)
