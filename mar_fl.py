@@ -79,7 +79,7 @@ def configure_peer_environment() -> None:
     # ≈ 1.5 of 2 cores between rounds; bench/RESULTS.md)
 
 
-HEAP_SLACK_BYTES = 32 << 20
+HEAP_SLACK_BYTES = 16 << 20
 
 
 class HeapTrimmer:
