@@ -113,7 +113,7 @@ def learn_addresses(net, expected: int, timeout: float = 120.0) -> int:
 def worker(index: int, args: dict, maddrs, results) -> None:
     import torch
 
-    from mar_fl import release_freed_memory
+    from mar_fl import HeapTrimmer
     from moshpit_all_reduce import AveragerOptions, MarSchedule, MoshpitAverager, moshpit_all_reduce
     from peer_synchronization import NetworkOptions, PeerNetwork, barrier
 
@@ -131,7 +131,7 @@ def worker(index: int, args: dict, maddrs, results) -> None:
         barrier(net, "bench.start", me=index, expected=range(n), timeout=300, max_delay=1.0)
         learn_addresses(net, n + 1)  # every peer and the bootstrap node
         store = bench_store(index, args)
-        rows, cpu, last = [], {"python": 0.0, "p2pd": 0.0}, None
+        rows, cpu, last, heap = [], {"python": 0.0, "p2pd": 0.0}, None, HeapTrimmer()  # as the peers do
         profiler = None
         for r in range(args["rounds"]):
             tensors = make_tensors(index, r)
@@ -155,7 +155,7 @@ def worker(index: int, args: dict, maddrs, results) -> None:
             err = max((a - b).abs().max().item() for a, b in zip(tensors, mean)) if mean else None
             if r == args["rounds"] - 1 and args.get("baseline"):
                 last = [t.clone() for t in tensors]
-            release_freed_memory()
+            heap.after_round()
             rows.append({"seconds": seconds, "sent": report.bytes_sent, "received": report.bytes_received,
                          "err": err, "failed_steps": report.failed_steps,
                          "matchmaking": sum(step.matchmaking_seconds for step in report.steps),
