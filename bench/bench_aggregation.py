@@ -47,6 +47,7 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
+import queue
 import socket
 import statistics
 import subprocess
@@ -274,13 +275,27 @@ def run_peers(conf: dict, indices, host: str, maddrs) -> list:
     try:
         for p in procs:
             p.start()
-        reports = [results.get(timeout=900) for _ in procs]
+        reports = collect_reports(results, procs, timeout=900)
         for p in procs:
             p.join(timeout=60)
     finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
+    return reports
+
+
+def collect_reports(results, procs, *, timeout: float) -> list:
+    """One report per peer process; exits (naming the exit codes) as soon as one died without reporting."""
+    reports, deadline = [], time.monotonic() + timeout
+    while len(reports) < len(procs):
+        try:
+            reports.append(results.get(timeout=1.0))
+        except queue.Empty:
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                sys.exit(f"bench_aggregation: {len(procs) - len(reports)} peer(s) did not report "
+                         f"(exit codes of the failed: {failed})")
     return reports
 
 
