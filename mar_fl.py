@@ -113,12 +113,8 @@ class HeapTrimmer:
 
     def after_round(self) -> bool:
         """Trim if :meth:`should_trim` says so; whether it did."""
-        try:
-            with open("/proc/self/statm") as f:
-                resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            return False
-        if not self.should_trim(resident):
+        resident = resident_bytes()
+        if resident is None or not self.should_trim(resident):
             return False
         try:
             import ctypes
@@ -126,8 +122,17 @@ class HeapTrimmer:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             return False
-        logger.debug("heap trimmed: %d MB resident, %d MB after round 2", resident >> 20, (self.level or 0) >> 20)
+        logger.debug("heap trimmed: %d MB resident, level %d MB", resident >> 20, (self.level or 0) >> 20)
         return True
+
+
+def resident_bytes() -> Optional[int]:
+    """This process's resident memory (``/proc/self/statm``); None where that cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def start_forkserver(cfg: RunConfig) -> "mp.context.BaseContext":

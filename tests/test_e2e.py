@@ -362,10 +362,9 @@ def test_a_peer_trims_its_heap_only_once_it_grew_past_its_level():
 
 def test_a_heap_trim_hands_freed_memory_back():
     script = """
-import os, sys
+import sys
 sys.path.insert(0, sys.argv[1])
-from mar_fl import HeapTrimmer
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from mar_fl import HeapTrimmer, resident_bytes as rss
 heap = HeapTrimmer(slack=16 << 20)
 heap.after_round(); heap.after_round()
 blocks = [bytearray(4 << 20) for _ in range(32)]  # 128 MB, below the mmap threshold: on the heap
